@@ -1,0 +1,439 @@
+"""NorMuon: Muon's orthogonalized momentum, with every output neuron normalized by its own
+running second moment (Li et al. 2025, "NorMuon: Making Muon more efficient and scalable",
+arXiv 2510.05491). One file that depends on nothing but torch: copy it into your project.
+
+    from normuon import NorMuon, param_groups
+    opt = NorMuon(param_groups(model), lr=1e-3, weight_decay=0.1)   # AdamW-scale lr
+
+    python normuon.py            # 30-second CPU demo: Muon's unequal neuron updates vs NorMuon's
+
+For one hidden weight W (m, n) with gradient G — a >2-D weight is viewed as
+(shape[0], prod(shape[1:])) so that a neuron is an output channel — each step does
+
+    M <- b1*M + (1-b1)*G                        momentum (EMA form)
+    U <- b1*M + (1-b1)*G   (or M)               nesterov
+    O <- orth(U)                                 approximately the polar factor U (U^T U)^(-1/2)
+    v <- b2*v + (1-b2)*mean_columns(O*O)         one second moment per neuron (row)
+    O^ <- O / (sqrt(v) + eps)                    each row by its own RMS
+    W <- W - lr*wd*W - lr_hat*O^                 lr_hat from `adjust_lr`, below
+
+`algorithm="muon"` skips the two normalization lines (the baseline and the ablation);
+`algorithm="adamw"` is plain AdamW, for the parameters that are not hidden matrices.
+Embeddings, the output head, gains, biases and scalars belong there: use `param_groups`.
+
+Options (each a keyword of NorMuon and overridable per param group):
+    lr            learning rate. With adjust_lr="match_rms_adamw" every matrix update has RMS
+                  0.2*lr, like AdamW's, so AdamW's lr and weight decay carry over (1e-3 is a
+                  good start). With adjust_lr="original" use Muon's scale, about 0.02.
+    weight_decay  decoupled: W <- W - lr*wd*W, with the base lr in both modes.
+    algorithm     "normuon" (default), "muon" or "adamw".
+    momentum      b1 of the momentum EMA (0.95).
+    beta2         b2 of the neuron second moment (0.95).
+    eps           added to sqrt(v) in normuon groups; Adam's eps in adamw groups (1e-8).
+    nesterov      orthogonalize the Nesterov look-ahead rather than M (True).
+    ns_steps      iterations of the orthogonalizer (5).
+    orthogonalizer  "newton_schulz" (Muon's quintic, bf16), "polar_express" (Amsel et al.
+                  2025, converges closer to 1) or "svd" (exact, float64: slow, for tests).
+    adjust_lr     "match_rms_adamw": lr_hat = 0.2*lr*sqrt(m*n)/|O^|_F (the paper's rule).
+                  "original": O^ rescaled to |O|_F, then lr_hat = lr*sqrt(max(1, m/n)) (Muon's).
+    betas         AdamW's (b1, b2) in adamw groups ((0.9, 0.95)).
+
+State (momentum_buffer, second_moment, exp_avg, exp_avg_sq) is float32 for bf16/fp16/fp32
+parameters, float64 for float64 ones, and stays so through state_dict()/load_state_dict().
+"""
+import copy
+import math
+
+import torch
+from torch import Tensor, nn
+
+ALGORITHMS = ("normuon", "muon", "adamw")
+ORTHOGONALIZERS = ("newton_schulz", "polar_express", "svd")
+ADJUST_LR = ("match_rms_adamw", "original")
+
+# Muon's quintic (the same as torch.optim.Muon): steep at zero, so 5 steps suffice, at the
+# price of singular values that land anywhere in about [0.7, 1.2] rather than at 1.
+NEWTON_SCHULZ_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+# Polar Express (Amsel et al. 2025, arXiv 2505.16932): one optimal triple per iteration; the
+# last repeats for more than five steps. Paired with an input scaled by 1.02*|U|_F.
+POLAR_EXPRESS_COEFFICIENTS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+# Floor for the norms we divide by: an all-zero gradient must give a zero update, not 0/0.
+NORM_FLOOR = 1e-30
+
+
+# ----------------------------------------------------------------------------- orthogonalizers
+
+def _odd_polynomial_iteration(U: Tensor, coefficients, input_scale: float) -> Tensor:
+    """X <- a*X + (b*A + c*A^2) X with A = X X^T, in bf16, on U (..., m, n) / (scale*|U|_F)."""
+    X = U / (input_scale * U.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    X = X.bfloat16()
+    transposed = X.size(-2) > X.size(-1)
+    if transposed:  # work on the small Gram matrix: rows <= cols
+        X = X.mT
+    for a, b, c in coefficients:
+        A = X @ X.mT                                   # (..., r, r), r = min(m, n)
+        X = a * X + (b * A + c * (A @ A)) @ X
+    return (X.mT if transposed else X).to(U.dtype)
+
+
+def newton_schulz(U: Tensor, steps: int = 5) -> Tensor:
+    """Muon's quintic Newton-Schulz iteration on a batch (..., m, n)."""
+    return _odd_polynomial_iteration(U, [NEWTON_SCHULZ_COEFFICIENTS] * steps, 1.0)
+
+
+def polar_express(U: Tensor, steps: int = 5) -> Tensor:
+    """Polar Express on a batch (..., m, n); singular values end near 1."""
+    coefficients = [POLAR_EXPRESS_COEFFICIENTS[min(i, 4)] for i in range(steps)]
+    return _odd_polynomial_iteration(U, coefficients, 1.02)
+
+
+def svd_polar(U: Tensor) -> Tensor:
+    """The exact polar factor U sign(S) V^T in float64, on a batch (..., m, n).
+
+    Singular values below max(m, n)*eps_fp32*s_max count as zero and their directions are
+    dropped, as Newton-Schulz drops them; otherwise a rank-deficient U has no unique factor.
+    """
+    left, S, right_h = torch.linalg.svd(U.double(), full_matrices=False)
+    cutoff = max(U.shape[-2:]) * torch.finfo(torch.float32).eps * S[..., :1]  # S descends
+    keep = (S > cutoff).double()
+    return ((left * keep.unsqueeze(-2)) @ right_h).to(U.dtype)
+
+
+def orthogonalize(U: Tensor, orthogonalizer: str = "newton_schulz", steps: int = 5) -> Tensor:
+    """Approximate polar factor of each matrix of U (..., m, n), in U's dtype."""
+    if orthogonalizer == "newton_schulz":
+        return newton_schulz(U, steps)
+    if orthogonalizer == "polar_express":
+        return polar_express(U, steps)
+    if orthogonalizer == "svd":
+        return svd_polar(U)
+    raise ValueError(f"unknown orthogonalizer {orthogonalizer!r}; choose one of {ORTHOGONALIZERS}")
+
+
+# ----------------------------------------------------------------------------- update math
+
+def nesterov_direction(momentum_buffer: Tensor, grad: Tensor, momentum: float,
+                       nesterov: bool) -> Tensor:
+    """Steps 1-2: update the momentum EMA in place; return what to orthogonalize.
+
+    grad is read, never written (p.grad stays the gradient). Without nesterov the buffer itself
+    is returned: callers must not modify it.
+    """
+    grad = grad.to(momentum_buffer.dtype)
+    momentum_buffer.lerp_(grad, 1 - momentum)
+    return grad.lerp(momentum_buffer, momentum) if nesterov else momentum_buffer
+
+
+def normalize_neurons(O: Tensor, second_moment: Tensor, beta2: float, eps: float) -> Tensor:
+    """Steps 4-5: O (..., m, n) with row i divided by sqrt(v_i) + eps.
+
+    second_moment v (..., m), one value per neuron, is updated in place (no bias correction).
+    """
+    second_moment.lerp_(O.square().mean(dim=-1), 1 - beta2)
+    return O / (second_moment.sqrt() + eps).unsqueeze(-1)
+
+
+def squared_norm(X: Tensor) -> Tensor:
+    """|X|_F^2 of each matrix of X (..., m, n), shaped (..., 1, 1) to broadcast back."""
+    return X.square().sum(dim=(-2, -1), keepdim=True)
+
+
+def update_scale(O_hat_sq_norm: Tensor, O_sq_norm: Tensor | None, m: int, n: int,
+                 adjust_lr: str) -> Tensor:
+    """Step 6: lr_hat/lr, the factor that multiplies O^ (and, in "original" mode, rescales it).
+
+    Takes squared Frobenius norms because a sharded optimizer sums those across ranks.
+    O_sq_norm is needed only by "original".
+    """
+    O_hat_norm = O_hat_sq_norm.sqrt().clamp_min(NORM_FLOOR)
+    if adjust_lr == "match_rms_adamw":
+        return (0.2 * math.sqrt(m * n)) / O_hat_norm       # every update has RMS 0.2*lr
+    if adjust_lr == "original":
+        return O_sq_norm.sqrt() / O_hat_norm * math.sqrt(max(1.0, m / n))
+    raise ValueError(f"unknown adjust_lr {adjust_lr!r}; choose one of {ADJUST_LR}")
+
+
+def matrix_update(U: Tensor, second_moment: Tensor, *, algorithm: str, beta2: float,
+                  eps: float, orthogonalizer: str, ns_steps: int, adjust_lr: str) -> Tensor:
+    """Steps 3-6 for a batch U (B, m, n) of same-shape matrices: returns (lr_hat/lr)*O^,
+    so that the caller applies W <- W - lr*wd*W - lr*result. second_moment (B, m) in place."""
+    O = orthogonalize(U, orthogonalizer, ns_steps)
+    O_hat = normalize_neurons(O, second_moment, beta2, eps) if algorithm == "normuon" else O
+    O_sq_norm = squared_norm(O) if adjust_lr == "original" else None
+    return O_hat * update_scale(squared_norm(O_hat), O_sq_norm, *U.shape[-2:], adjust_lr)
+
+
+def adamw_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int,
+                 *, lr: float, betas: tuple[float, float], eps: float,
+                 weight_decay: float) -> None:
+    """One AdamW step in place (the math of torch.optim.AdamW); step counts from 1."""
+    beta1, beta2 = betas
+    grad = grad.to(exp_avg.dtype)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    bias_correction1 = 1 - beta1 ** step
+    bias_correction2 = 1 - beta2 ** step
+    denominator = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
+    param.mul_(1 - lr * weight_decay)
+    param.add_(exp_avg / denominator, alpha=-lr / bias_correction1)
+
+
+def as_matrix_shape(shape: torch.Size) -> tuple[int, int]:
+    """(out, in, kh, kw) -> (out, in*kh*kw): a neuron is a row, whatever the weight's rank."""
+    return shape[0], math.prod(shape[1:])
+
+
+def state_dtype(param: Tensor) -> torch.dtype:
+    """float32 for low-precision parameters, the parameter's own dtype when wider."""
+    return torch.promote_types(param.dtype, torch.float32)
+
+
+# ----------------------------------------------------------------------------- the optimizer
+
+class NorMuon(torch.optim.Optimizer):
+    """NorMuon, Muon and AdamW in one optimizer: each param group picks its `algorithm`.
+
+    Hidden weight matrices (and conv kernels) go in "normuon" (or "muon") groups; embeddings,
+    the output head, gains, biases and scalars in an "adamw" group. `param_groups(model)`
+    builds the two groups. See the module docstring for the math and every option.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, *,
+                 algorithm: str = "normuon", momentum: float = 0.95, beta2: float = 0.95,
+                 eps: float = 1e-8, nesterov: bool = True, ns_steps: int = 5,
+                 orthogonalizer: str = "newton_schulz", adjust_lr: str = "match_rms_adamw",
+                 betas: tuple[float, float] = (0.9, 0.95)):
+        defaults = dict(lr=lr, weight_decay=weight_decay, algorithm=algorithm,
+                        momentum=momentum, beta2=beta2, eps=eps, nesterov=nesterov,
+                        ns_steps=ns_steps, orthogonalizer=orthogonalizer, adjust_lr=adjust_lr,
+                        betas=betas)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        try:
+            check_param_group(self.param_groups[-1], len(self.param_groups) - 1)
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    def matrix_state(self, param: Tensor) -> dict:
+        state = self.state[param]
+        if not state:
+            dtype = state_dtype(param)
+            state["momentum_buffer"] = torch.zeros_like(
+                param, dtype=dtype, memory_format=torch.contiguous_format)
+            state["second_moment"] = torch.zeros(param.shape[0], dtype=dtype,
+                                                 device=param.device)
+        return state
+
+    def adamw_state(self, param: Tensor) -> dict:
+        state = self.state[param]
+        if not state:
+            dtype = state_dtype(param)
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(
+                param, dtype=dtype, memory_format=torch.contiguous_format)
+            state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for index, group in enumerate(self.param_groups):
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                if p.grad.is_sparse:
+                    raise RuntimeError(
+                        f"NorMuon: param group {index} has a sparse gradient for a parameter "
+                        f"of shape {tuple(p.shape)}; NorMuon needs dense gradients (use "
+                        f"nn.Embedding(sparse=False) or torch.optim.SparseAdam for it)")
+            if group["algorithm"] == "adamw":
+                self._adamw_step(group, params)
+            else:
+                self._matrix_step(group, params)
+        return loss
+
+    def _adamw_step(self, group: dict, params: list[Tensor]) -> None:
+        for p in params:
+            state = self.adamw_state(p)
+            state["step"] += 1
+            adamw_update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
+                         lr=float(group["lr"]), betas=group["betas"], eps=group["eps"],
+                         weight_decay=group["weight_decay"])
+
+    def _matrix_step(self, group: dict, params: list[Tensor]) -> None:
+        lr, weight_decay = float(group["lr"]), group["weight_decay"]
+        buckets: dict[tuple, list[Tensor]] = {}  # same-shape matrices orthogonalize as a batch
+        for p in params:
+            buckets.setdefault((p.shape, p.device, state_dtype(p)), []).append(p)
+        for (shape, _, _), bucket in buckets.items():
+            states = [self.matrix_state(p) for p in bucket]
+            m, n = as_matrix_shape(shape)
+            U = torch.stack([
+                nesterov_direction(s["momentum_buffer"], p.grad, group["momentum"],
+                                   group["nesterov"]).reshape(m, n)
+                for p, s in zip(bucket, states)])                        # (B, m, n)
+            second_moments = torch.stack([s["second_moment"] for s in states])  # (B, m)
+            updates = matrix_update(
+                U, second_moments, algorithm=group["algorithm"], beta2=group["beta2"],
+                eps=group["eps"], orthogonalizer=group["orthogonalizer"],
+                ns_steps=group["ns_steps"], adjust_lr=group["adjust_lr"])
+            for p, s, v, update in zip(bucket, states, second_moments, updates):
+                s["second_moment"].copy_(v)
+                p.mul_(1 - lr * weight_decay)
+                p.add_(update.view(shape), alpha=-lr)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch.optim casts loaded state to each parameter's dtype, which would round our
+        float32 state of a bf16 parameter to bf16; put the saved tensors back as saved."""
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if isinstance(value, Tensor):
+                    self.state[p][key] = value.to(device=p.device, copy=True)
+
+
+def check_param_group(group: dict, index: int) -> None:
+    """Raise a ValueError that names the bad option of param group `index` and the fix."""
+    where = f"NorMuon param group {index}"
+
+    def require(ok: bool, message: str) -> None:
+        if not ok:
+            raise ValueError(f"{where}: {message}")
+
+    algorithm = group["algorithm"]
+    require(algorithm in ALGORITHMS, f"unknown algorithm {algorithm!r}; choose one of {ALGORITHMS}")
+    require(group["orthogonalizer"] in ORTHOGONALIZERS,
+            f"unknown orthogonalizer {group['orthogonalizer']!r}; choose one of {ORTHOGONALIZERS}")
+    require(group["adjust_lr"] in ADJUST_LR,
+            f"unknown adjust_lr {group['adjust_lr']!r}; choose one of {ADJUST_LR}")
+    require(group["lr"] >= 0, f"lr must be >= 0, got {group['lr']}")
+    require(group["weight_decay"] >= 0, f"weight_decay must be >= 0, got {group['weight_decay']}")
+    require(0 <= group["momentum"] < 1, f"momentum must be in [0, 1), got {group['momentum']}")
+    require(0 <= group["beta2"] < 1, f"beta2 must be in [0, 1), got {group['beta2']}")
+    require(group["eps"] > 0, f"eps must be > 0, got {group['eps']}")
+    require(isinstance(group["ns_steps"], int) and group["ns_steps"] >= 1,
+            f"ns_steps must be an integer >= 1, got {group['ns_steps']!r}")
+    betas = group["betas"]
+    require(len(betas) == 2 and all(0 <= b < 1 for b in betas),
+            f"betas must be two numbers in [0, 1), got {betas}")
+    names = group.get("param_names") or [None] * len(group["params"])
+    for p, name in zip(group["params"], names):
+        label = f"parameter {name!r}" if name else "a parameter"
+        require(not p.is_complex(), f"{label} of shape {tuple(p.shape)} is complex "
+                f"({p.dtype}); NorMuon supports real floating-point parameters only")
+        require(algorithm == "adamw" or p.ndim >= 2,
+                f"algorithm={algorithm!r} orthogonalizes matrices, but {label} has shape "
+                f"{tuple(p.shape)}; put parameters with fewer than 2 dims (gains, biases, "
+                f"scalars) in a group with algorithm='adamw' (normuon.param_groups does this)")
+
+
+# ----------------------------------------------------------------------------- param groups
+
+HEAD_NAMES = ("lm_head", "head", "output", "classifier", "fc_out")
+
+
+def param_groups(model: nn.Module, head=None, algorithm: str = "normuon",
+                 **adamw_options) -> list[dict]:
+    """Split a model's trainable parameters into the two kinds of groups NorMuon wants.
+
+    Hidden matrices (>= 2 dims: linear weights, conv kernels) -> `algorithm` ("normuon").
+    Everything else -> "adamw": every nn.Embedding / nn.EmbeddingBag weight, the output head,
+    and every parameter with fewer than 2 dims. The head is `head` — a module, a parameter, a
+    (module or parameter) name, or a list of these — or by default any submodule named one of
+    HEAD_NAMES. Shape alone cannot decide: embeddings and the head are matrices too.
+    `adamw_options` (lr=..., weight_decay=..., betas=...) go into the adamw group only.
+    Parameters keep their names, so errors and state_dict() can say which is which.
+    """
+    modules = dict(model.named_modules())
+    heads = head if isinstance(head, (list, tuple)) else [head] if head is not None else []
+    adamw_ids = set()
+    for item in heads:
+        if isinstance(item, str) and item not in modules:
+            item = model.get_parameter(item)   # raises, naming it, if it is neither
+        elif isinstance(item, str):
+            item = modules[item]
+        adamw_ids.update(map(id, item.parameters() if isinstance(item, nn.Module) else [item]))
+    for name, module in modules.items():
+        is_default_head = head is None and name.rsplit(".", 1)[-1] in HEAD_NAMES
+        if is_default_head or isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+            adamw_ids.update(map(id, module.parameters()))
+
+    matrices, others = [], []
+    for name, p in model.named_parameters():   # shared (tied) parameters are listed once
+        if p.requires_grad:
+            is_matrix = p.ndim >= 2 and id(p) not in adamw_ids
+            (matrices if is_matrix else others).append((name, p))
+    groups = [{"params": matrices, "algorithm": algorithm},
+              {"params": others, "algorithm": "adamw", **adamw_options}]
+    return [g for g in groups if g["params"]]
+
+
+# ----------------------------------------------------------------------------- demo
+
+def _row_norm_spread(update: Tensor) -> tuple[float, float]:
+    """Coefficient of variation and max/min of the row norms of a weight update."""
+    norms = update.norm(dim=1)
+    return (norms.std() / norms.mean()).item(), (norms.max() / norms.min()).item()
+
+
+def demo(steps: int = 300, seed: int = 0) -> None:
+    """Train one small MLP twice, with Muon and with NorMuon, and show the paper's observation:
+    Muon's orthogonalized updates give some neurons far larger steps than others."""
+    torch.manual_seed(seed)
+    n_in, n_hidden, n_classes, n_samples = 32, 256, 10, 32768
+    feature_scale = torch.logspace(-1.5, 0.5, n_in)    # unequal inputs -> unequal neurons
+    X = torch.randn(n_samples, n_in) * feature_scale
+    teacher = nn.Sequential(nn.Linear(n_in, 64), nn.Tanh(), nn.Linear(64, n_classes))
+    with torch.no_grad():
+        y = teacher(X / feature_scale).argmax(dim=1)
+    X_val, y_val, X, y = X[:1024], y[:1024], X[1024:], y[1024:]
+    init = nn.Sequential(nn.Linear(n_in, n_hidden), nn.ReLU(), nn.Linear(n_hidden, n_hidden),
+                         nn.ReLU(), nn.Linear(n_hidden, n_classes))
+
+    print(f"{n_in}->{n_hidden}->{n_hidden}->{n_classes} MLP, {steps} steps, batch 256, "
+          f"lr 1e-2 (AdamW scale), first-layer update row norms averaged over steps")
+    results = {}
+    for algorithm in ("muon", "normuon"):
+        torch.manual_seed(seed + 1)
+        model = copy.deepcopy(init)
+        opt = NorMuon(param_groups(model, head=model[4], algorithm=algorithm), lr=1e-2,
+                      weight_decay=0.01)
+        first_layer = model[0].weight                 # (256, 32): a tall matrix
+        cv_sum = ratio_sum = 0.0
+        for _ in range(steps):
+            batch = torch.randint(0, len(X), (256,))
+            loss = nn.functional.cross_entropy(model(X[batch]), y[batch])
+            opt.zero_grad()
+            loss.backward()
+            before = first_layer.detach().clone()
+            opt.step()
+            cv, ratio = _row_norm_spread(first_layer.detach() - before)
+            cv_sum, ratio_sum = cv_sum + cv, ratio_sum + ratio
+        with torch.no_grad():
+            val_loss = nn.functional.cross_entropy(model(X_val), y_val).item()
+        results[algorithm] = (cv_sum / steps, ratio_sum / steps, loss.item(), val_loss)
+
+    print(f"{'':28s}{'Muon':>10s}{'NorMuon':>10s}")
+    labels = ("row-norm coeff. of variation", "row-norm max/min", "final train loss",
+              "val loss")
+    for i, label in enumerate(labels):
+        print(f"{label:28s}{results['muon'][i]:10.3f}{results['normuon'][i]:10.3f}")
+    print("Muon gives every singular direction the same step, not every neuron: rows of a tall\n"
+          "matrix's update differ several-fold. NorMuon divides each row by its running RMS.")
+
+
+if __name__ == "__main__":
+    demo()

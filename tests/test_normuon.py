@@ -1,0 +1,468 @@
+"""normuon.py against independent expectations: a plain float64 reference of SPEC §1,
+torch.optim.Muon and torch.optim.AdamW as peers, exact SVDs, and invariants."""
+import copy
+import io
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from normuon import NorMuon, orthogonalize, param_groups, svd_polar
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def polar_by_eigh(U: torch.Tensor) -> torch.Tensor:
+    """U (U^T U)^(-1/2) for a full-rank U, through a symmetric eigendecomposition (no SVD)."""
+    tall = U.shape[0] >= U.shape[1]
+    gram = U.T @ U if tall else U @ U.T
+    eigenvalues, Q = torch.linalg.eigh(gram)
+    inverse_sqrt = Q @ torch.diag(eigenvalues.rsqrt()) @ Q.T
+    return U @ inverse_sqrt if tall else inverse_sqrt @ U
+
+
+def reference_run(W0, grads, *, algorithm, lr, weight_decay, momentum, beta2, eps, nesterov,
+                  adjust_lr):
+    """SPEC §1 written out plainly, one matrix, float64, neuron by neuron."""
+    W = W0.double().clone()
+    m, n = W.shape
+    M = torch.zeros(m, n, dtype=torch.float64)
+    v = [0.0] * m
+    for G in grads:
+        G = G.double()
+        M = momentum * M + (1 - momentum) * G
+        U = momentum * M + (1 - momentum) * G if nesterov else M
+        O = polar_by_eigh(U)
+        if algorithm == "normuon":
+            rows = []
+            for i in range(m):
+                v[i] = beta2 * v[i] + (1 - beta2) * float((O[i] ** 2).sum()) / n
+                rows.append(O[i] / (math.sqrt(v[i]) + eps))
+            O_hat = torch.stack(rows)
+        else:
+            O_hat = O
+        if adjust_lr == "match_rms_adamw":
+            lr_hat = 0.2 * lr * math.sqrt(m * n) / float(torch.linalg.norm(O_hat))
+        else:
+            O_hat = O_hat * float(torch.linalg.norm(O)) / float(torch.linalg.norm(O_hat))
+            lr_hat = lr * math.sqrt(max(1.0, m / n))
+        W = W - lr * weight_decay * W - lr_hat * O_hat
+    return W
+
+
+def run_optimizer(params, grads_per_step, make_opt):
+    """Step an optimizer over `params` with the given gradients; returns the optimizer."""
+    opt = make_opt(params)
+    for grads in grads_per_step:
+        for p, g in zip(params, grads):
+            p.grad = None if g is None else g.clone().to(p.dtype)
+        opt.step()
+    return opt
+
+
+def random_grads(shapes, steps, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(shape, generator=gen) for shape in shapes] for _ in range(steps)]
+
+
+# ----------------------------------------------------------------------------- SPEC §1 reference
+
+@pytest.mark.parametrize("shape", [(48, 16), (16, 48), (32, 32)], ids=["tall", "wide", "square"])
+@pytest.mark.parametrize("nesterov", [True, False])
+@pytest.mark.parametrize("adjust_lr", ["match_rms_adamw", "original"])
+@pytest.mark.parametrize("algorithm", ["normuon", "muon"])
+def test_matches_plain_reference_with_svd(shape, nesterov, adjust_lr, algorithm):
+    hyper = dict(algorithm=algorithm, lr=0.05, weight_decay=0.1, momentum=0.9, beta2=0.95,
+                 eps=1e-8, nesterov=nesterov, adjust_lr=adjust_lr)
+    W0 = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = random_grads([shape], steps=5)
+    expected = reference_run(W0, [g[0] for g in grads], **hyper)
+
+    def make(params):
+        return NorMuon(params, orthogonalizer="svd", **hyper)
+
+    # float32 parameters (float32 state): the issue's 1e-6 relative on the parameters
+    p32 = nn.Parameter(W0.float().clone())
+    run_optimizer([p32], grads, make)
+    torch.testing.assert_close(p32.detach().double(), expected, rtol=1e-6, atol=1e-6)
+
+    # float64 parameters keep float64 state: the *change* agrees to 1e-9, which would expose
+    # any deviation of the update hidden under the parameters' own magnitude
+    p64 = nn.Parameter(W0.clone())
+    run_optimizer([p64], grads, make)
+    change, expected_change = p64.detach() - W0, expected - W0
+    error = (change - expected_change).abs().max() / expected_change.abs().max()
+    assert error < 1e-9, f"relative error of the update {error:.2e}"
+
+
+# ----------------------------------------------------------------------------- peers
+
+@pytest.mark.parametrize("shape", [(64, 32), (32, 64)])
+def test_muon_algorithm_matches_torch_optim_muon(shape):
+    W0 = torch.randn(shape, generator=torch.Generator().manual_seed(2))
+    row_scales = torch.logspace(-1, 1, shape[0])[:, None]   # where NorMuon departs from Muon
+    grads = [[g * row_scales] for [g] in random_grads([shape], steps=6)]
+    hyper = dict(lr=0.02, momentum=0.95, weight_decay=0.1, nesterov=True)
+
+    ours = nn.Parameter(W0.clone())
+    run_optimizer([ours], grads, lambda ps: NorMuon(
+        ps, algorithm="muon", adjust_lr="original", orthogonalizer="newton_schulz", **hyper))
+    peer = nn.Parameter(W0.clone())
+    run_optimizer([peer], grads, lambda ps: torch.optim.Muon(ps, **hyper))
+
+    our_change, peer_change = ours.detach() - W0, peer.detach() - W0
+    relative = torch.linalg.norm(our_change - peer_change) / torch.linalg.norm(peer_change)
+    # both orthogonalize in bf16 (8 bits of mantissa): agree to about 1%, and far better than
+    # NorMuon differs from Muon
+    assert relative < 0.02, relative
+    normuon = nn.Parameter(W0.clone())
+    run_optimizer([normuon], grads, lambda ps: NorMuon(ps, adjust_lr="original", **hyper))
+    assert torch.linalg.norm(normuon.detach() - W0 - peer_change) > 5 * torch.linalg.norm(
+        our_change - peer_change)
+
+
+def test_adamw_group_matches_torch_optim_adamw():
+    shapes = [(24, 8), (8,), ()]
+    gen = torch.Generator().manual_seed(3)
+    inits = [torch.randn(s, generator=gen) for s in shapes]
+    grads = random_grads(shapes, steps=10)
+    hyper = dict(lr=3e-3, betas=(0.8, 0.97), eps=1e-6, weight_decay=0.05)
+
+    ours = [nn.Parameter(w.clone()) for w in inits]
+    run_optimizer(ours, grads, lambda ps: NorMuon(ps, algorithm="adamw", **hyper))
+    peer = [nn.Parameter(w.clone()) for w in inits]
+    run_optimizer(peer, grads, lambda ps: torch.optim.AdamW(ps, **hyper))
+    for a, b in zip(ours, peer):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- invariants
+
+def unequal_row_gradient(m=96, n=32, seed=4):
+    """A tall gradient whose rows differ in scale by 100x, like neurons of unequal activity."""
+    gen = torch.Generator().manual_seed(seed)
+    row_scales = torch.logspace(-1, 1, m)
+    return row_scales[:, None] * torch.randn(m, n, generator=gen)
+
+
+def first_update_rows(algorithm):
+    G = unequal_row_gradient()
+    W = nn.Parameter(torch.zeros_like(G))
+    run_optimizer([W], [[G]], lambda ps: NorMuon(ps, lr=1.0, weight_decay=0.0,
+                                                  algorithm=algorithm))
+    return W.detach().norm(dim=1)
+
+
+def test_normuon_first_update_has_equal_row_norms():
+    row_norms = first_update_rows("normuon")
+    assert (row_norms.max() - row_norms.min()) / row_norms.mean() < 1e-3
+
+
+def test_muon_first_update_of_tall_matrix_has_unequal_row_norms():
+    row_norms = first_update_rows("muon")
+    assert row_norms.std() / row_norms.mean() > 0.1
+    assert row_norms.max() / row_norms.min() > 2
+
+
+@pytest.mark.parametrize("algorithm", ["normuon", "muon"])
+@pytest.mark.parametrize("orthogonalizer", ["newton_schulz", "polar_express", "svd"])
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40), (3, 8, 2, 2)])
+def test_match_rms_adamw_update_rms_is_exactly_point_two_lr(algorithm, orthogonalizer, shape):
+    lr = 0.03
+    W0 = torch.randn(shape, dtype=torch.float64)
+    W = nn.Parameter(W0.clone())
+    opt = NorMuon([W], lr=lr, weight_decay=0.0, algorithm=algorithm,
+                  orthogonalizer=orthogonalizer)
+    for grads in random_grads([shape], steps=4):
+        before = W.detach().clone()
+        W.grad = grads[0].double()
+        opt.step()
+        rms = ((W.detach() - before) / lr).square().mean().sqrt()
+        assert abs(rms.item() - 0.2) < 1e-10
+
+
+def spectrum_test_matrices():
+    """Matrices with chosen singular values, spread over two decades below the largest."""
+    gen = torch.Generator().manual_seed(5)
+    for m, n in [(256, 64), (64, 256), (128, 128)]:
+        r = min(m, n)
+        left, _ = torch.linalg.qr(torch.randn(m, r, generator=gen))
+        right, _ = torch.linalg.qr(torch.randn(n, r, generator=gen))
+        yield (left * torch.logspace(0, -2, r)) @ right.T * 7.0
+
+
+def test_newton_schulz_singular_values_in_muons_range():
+    # Muon's quintic is tuned for speed, not convergence: it promises singular values roughly
+    # in (0.5, 1.5) rather than at 1.
+    for U in spectrum_test_matrices():
+        s = torch.linalg.svdvals(orthogonalize(U, "newton_schulz", 5).double())
+        assert 0.5 < s.min() and s.max() < 1.5, (s.min(), s.max())
+
+
+def test_polar_express_singular_values_near_one_and_closer_than_newton_schulz():
+    for U in spectrum_test_matrices():
+        s_pe = torch.linalg.svdvals(orthogonalize(U, "polar_express", 5).double())
+        s_ns = torch.linalg.svdvals(orthogonalize(U, "newton_schulz", 5).double())
+        assert 0.8 < s_pe.min() and s_pe.max() < 1.2, (s_pe.min(), s_pe.max())
+        assert (s_pe - 1).abs().max() < (s_ns - 1).abs().max()
+
+
+def test_svd_polar_drops_null_directions_of_rank_deficient_input():
+    gen = torch.Generator().manual_seed(6)
+    U = torch.randn(30, 5, generator=gen) @ torch.randn(5, 20, generator=gen)   # rank 5
+    s = torch.linalg.svdvals(svd_polar(U).double())
+    torch.testing.assert_close(s[:5], torch.ones(5, dtype=torch.float64))
+    assert s[5:].abs().max() < 1e-6
+
+
+@pytest.mark.parametrize("orthogonalizer", ["newton_schulz", "polar_express", "svd"])
+def test_orthogonalize_batch_equals_one_matrix_at_a_time(orthogonalizer):
+    U = torch.randn(3, 20, 12, generator=torch.Generator().manual_seed(7))
+    batched = orthogonalize(U, orthogonalizer)
+    for i in range(3):
+        torch.testing.assert_close(batched[i], orthogonalize(U[i], orthogonalizer),
+                                   rtol=2e-2, atol=2e-2)   # bf16 rounding of bmm vs mm
+    if orthogonalizer == "svd":
+        torch.testing.assert_close(batched[1].double(), polar_by_eigh(U[1].double()),
+                                   rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- conv weights
+
+@pytest.mark.parametrize("adjust_lr", ["match_rms_adamw", "original"])
+def test_conv_weight_is_normalized_per_output_channel(adjust_lr):
+    # (out, in, kh, kw) = (64, 4, 3, 3) is the matrix (64, 36): Muon's shape scale is
+    # sqrt(64/36), not the sqrt(max(1, 3/3)) of the last two dims.
+    conv0 = torch.randn(64, 4, 3, 3, generator=torch.Generator().manual_seed(8))
+    grads = random_grads([(64, 4, 3, 3)], steps=4)
+    conv = nn.Parameter(conv0.clone())
+    conv_opt = run_optimizer([conv], grads, lambda ps: NorMuon(ps, lr=0.02, adjust_lr=adjust_lr))
+    flat = nn.Parameter(conv0.reshape(64, 36).clone())
+    run_optimizer([flat], [[g[0].reshape(64, 36)] for g in grads],
+                  lambda ps: NorMuon(ps, lr=0.02, adjust_lr=adjust_lr))
+
+    assert conv_opt.state[conv]["second_moment"].shape == (64,)
+    torch.testing.assert_close(conv.detach().reshape(64, 36), flat.detach(), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- dtypes, state
+
+def small_model(dtype):
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Embedding(16, 12), nn.Linear(12, 24), nn.LayerNorm(24),
+                          nn.Linear(24, 12, bias=False), nn.Linear(12, 16))
+    return model.to(dtype)
+
+
+def model_grads(model, steps, seed=10):
+    shapes = [p.shape for p in model.parameters()]
+    return random_grads(shapes, steps, seed=seed)
+
+
+def make_model_optimizer(params_or_model):
+    model = params_or_model
+    return NorMuon(param_groups(model, head=model[4]), lr=0.01, weight_decay=0.1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_every_parameter_dtype_steps_with_float32_state(dtype):
+    model = small_model(dtype)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = make_model_optimizer(model)
+    for grads in model_grads(model, 3):
+        for p, g in zip(model.parameters(), grads):
+            p.grad = g.to(dtype)
+        opt.step()
+    for p, b in zip(model.parameters(), before):
+        assert p.dtype == dtype and torch.isfinite(p).all() and not torch.equal(p, b)
+        for value in opt.state[p].values():
+            if isinstance(value, torch.Tensor):
+                assert value.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_state_dict_round_trip_continues_bit_exactly(dtype):
+    steps = model_grads(small_model(dtype), 6)
+
+    def step(model, opt, grads):
+        for p, g in zip(model.parameters(), grads):
+            p.grad = g.to(dtype)
+        opt.step()
+
+    straight = small_model(dtype)
+    straight_opt = make_model_optimizer(straight)
+    for grads in steps:
+        step(straight, straight_opt, grads)
+
+    first = small_model(dtype)
+    first_opt = make_model_optimizer(first)
+    for grads in steps[:3]:
+        step(first, first_opt, grads)
+    buffer = io.BytesIO()
+    torch.save({"model": first.state_dict(), "opt": first_opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+    resumed = small_model(dtype)
+    resumed.load_state_dict(saved["model"])
+    resumed_opt = make_model_optimizer(resumed)
+    resumed_opt.load_state_dict(saved["opt"])
+    for p in resumed.parameters():
+        assert all(v.dtype == torch.float32 for v in resumed_opt.state[p].values()
+                   if isinstance(v, torch.Tensor))
+    for grads in steps[3:]:
+        step(resumed, resumed_opt, grads)
+
+    for a, b in zip(straight.parameters(), resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("orthogonalizer", ["newton_schulz", "polar_express", "svd"])
+@pytest.mark.parametrize("adjust_lr", ["match_rms_adamw", "original"])
+@pytest.mark.parametrize("algorithm", ["normuon", "muon"])
+def test_all_zero_gradient_gives_zero_update(orthogonalizer, adjust_lr, algorithm):
+    W0 = torch.randn(16, 8)
+    W = nn.Parameter(W0.clone())
+    opt = run_optimizer([W], [[torch.zeros(16, 8)]] * 2, lambda ps: NorMuon(
+        ps, lr=0.1, weight_decay=0.5, algorithm=algorithm, orthogonalizer=orthogonalizer,
+        adjust_lr=adjust_lr))
+    torch.testing.assert_close(W.detach(), W0 * (1 - 0.1 * 0.5) ** 2)
+    assert all(torch.isfinite(v).all() for v in opt.state[W].values())
+
+
+def test_parameter_without_gradient_is_not_touched():
+    frozen0, trained0, gain0 = torch.randn(8, 8), torch.randn(8, 8), torch.randn(8)
+    frozen, trained = nn.Parameter(frozen0.clone()), nn.Parameter(trained0.clone())
+    frozen_gain = nn.Parameter(gain0.clone())
+    opt = NorMuon([{"params": [frozen, trained]},
+                   {"params": [frozen_gain], "algorithm": "adamw"}], lr=0.1, weight_decay=0.5)
+    for _ in range(2):
+        trained.grad = torch.randn(8, 8)
+        opt.step()
+    assert torch.equal(frozen.detach(), frozen0) and torch.equal(frozen_gain.detach(), gain0)
+    assert frozen not in opt.state and frozen_gain not in opt.state
+    assert not torch.equal(trained.detach(), trained0)
+
+
+def test_nesterov_does_not_overwrite_the_gradient():
+    W = nn.Parameter(torch.randn(8, 4))
+    G = torch.randn(8, 4)
+    W.grad = G.clone()
+    opt = NorMuon([W])
+    opt.step()
+    opt.step()
+    assert torch.equal(W.grad, G)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(lr=-1.0), "lr must be >= 0"),
+    (dict(momentum=1.0), "momentum must be in"),
+    (dict(momentum=-0.1), "momentum must be in"),
+    (dict(beta2=1.0), "beta2 must be in"),
+    (dict(eps=0.0), "eps must be > 0"),
+    (dict(weight_decay=-0.1), "weight_decay must be >= 0"),
+    (dict(ns_steps=0), "ns_steps must be"),
+    (dict(betas=(0.9, 1.0)), "betas must be"),
+    (dict(algorithm="lion"), "unknown algorithm 'lion'"),
+    (dict(orthogonalizer="qr"), "unknown orthogonalizer 'qr'"),
+    (dict(adjust_lr="spectral"), "unknown adjust_lr 'spectral'"),
+])
+def test_bad_options_raise_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        NorMuon([nn.Parameter(torch.randn(4, 4))], **kwargs)
+
+
+def test_vector_in_matrix_group_names_its_shape_and_the_fix():
+    with pytest.raises(ValueError, match=r"shape \(7,\).*algorithm='adamw'"):
+        NorMuon([nn.Parameter(torch.randn(4, 4)), nn.Parameter(torch.randn(7))])
+    named = [("blocks.0.norm.weight", nn.Parameter(torch.randn(7)))]
+    with pytest.raises(ValueError, match="blocks.0.norm.weight"):
+        NorMuon([{"params": named, "algorithm": "muon"}])
+    NorMuon([{"params": [nn.Parameter(torch.randn(7))], "algorithm": "adamw"}])   # fine there
+
+
+def test_bad_group_added_later_is_rejected_and_not_kept():
+    opt = NorMuon([nn.Parameter(torch.randn(4, 4))])
+    with pytest.raises(ValueError, match="momentum"):
+        opt.add_param_group({"params": [nn.Parameter(torch.randn(4, 4))], "momentum": 2.0})
+    assert len(opt.param_groups) == 1
+
+
+def test_complex_parameter_is_rejected():
+    with pytest.raises(ValueError, match="complex"):
+        NorMuon([nn.Parameter(torch.randn(4, 4, dtype=torch.complex64))])
+
+
+def test_sparse_gradient_is_rejected_with_the_fix():
+    embedding = nn.Embedding(10, 4, sparse=True)
+    opt = NorMuon([{"params": embedding.parameters(), "algorithm": "adamw"}])
+    embedding(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse gradient.*sparse=False"):
+        opt.step()
+
+
+# ----------------------------------------------------------------------------- integration
+
+def test_lr_scheduler_drives_the_step_size():
+    W = nn.Parameter(torch.randn(20, 10, dtype=torch.float64))
+    opt = NorMuon([W], lr=0.04, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 ** step)
+    for step, grads in enumerate(random_grads([(20, 10)], steps=4)):
+        before = W.detach().clone()
+        W.grad = grads[0].double()
+        opt.step()
+        schedule.step()
+        rms = (W.detach() - before).square().mean().sqrt().item()
+        assert abs(rms - 0.2 * 0.04 * 0.5 ** step) < 1e-12
+
+
+class TinyLM(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(32, 16)
+        self.block = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16))
+        self.conv = nn.Conv1d(16, 16, 3)
+        self.norm = nn.RMSNorm(16)
+        self.lm_head = nn.Linear(16, 32, bias=False)
+
+
+def test_param_groups_routes_embeddings_head_and_vectors_to_adamw():
+    model = TinyLM()
+    groups = param_groups(model, lr=3e-3)
+    hidden, adamw = groups
+    assert hidden["algorithm"] == "normuon" and adamw["algorithm"] == "adamw"
+    assert adamw["lr"] == 3e-3 and "lr" not in hidden
+    assert {n for n, _ in hidden["params"]} == {
+        "block.0.weight", "block.2.weight", "conv.weight"}
+    assert {n for n, _ in adamw["params"]} == {
+        "embed.weight", "block.0.bias", "block.2.bias", "conv.bias", "norm.weight",
+        "lm_head.weight"}
+    NorMuon(groups)   # and the optimizer accepts them
+
+
+def test_param_groups_takes_an_explicit_head_and_skips_frozen_parameters():
+    model = TinyLM()
+    model.block[0].weight.requires_grad_(False)
+    hidden, adamw = param_groups(model, head=["block.2", model.conv.weight])
+    assert {n for n, _ in hidden["params"]} == {"lm_head.weight"}
+    assert {"block.2.weight", "conv.weight"} <= {n for n, _ in adamw["params"]}
+    all_names = {n for g in (hidden, adamw) for n, _ in g["params"]}
+    assert "block.0.weight" not in all_names
+    with pytest.raises(AttributeError, match="no_such_layer"):
+        param_groups(model, head="no_such_layer")
+
+
+def test_demo_shows_muons_unequal_neurons_and_normuons_equal_ones():
+    result = subprocess.run([sys.executable, str(ROOT / "normuon.py")], capture_output=True,
+                            text=True, timeout=120, check=True)
+    rows = {line[:28].strip(): line[28:].split() for line in result.stdout.splitlines()}
+    muon_cv, normuon_cv = map(float, rows["row-norm coeff. of variation"])
+    assert normuon_cv < 0.6 * muon_cv
+    assert all(math.isfinite(float(x)) for x in rows["val loss"])
