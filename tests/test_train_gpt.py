@@ -1,0 +1,180 @@
+"""train_gpt.py end to end on CPU: the shard format, broken files, python and torchrun runs
+(the 2-rank run against the 1-rank run), exact resume, and every --optimizer."""
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_gpt
+from train_gpt import build_stdlib_corpus, read_shard, write_shard
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--n-layer", "2", "--dim", "64", "--n-head", "2", "--seq-len", "64",
+         "--micro-batch", "8", "--tokens-per-step", "1024", "--val-tokens", "16384",
+         "--lr", "1e-2", "--adam-lr", "2e-2", "--device", "cpu", "--no-compile"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """The default stdlib corpus, built into a temporary folder in shards of 2M bytes."""
+    data_dir = tmp_path_factory.mktemp("stdlib")
+    build_stdlib_corpus(data_dir, shard_tokens=2_000_000)
+    return data_dir
+
+
+def read_log(out_dir: Path) -> tuple[list[dict], dict]:
+    records = [json.loads(line) for line in (out_dir / "log.jsonl").read_text().splitlines()]
+    assert records[-1]["kind"] == "summary"
+    return [r for r in records if r["kind"] == "val"], records[-1]
+
+
+def run_cli(args, launcher=(sys.executable,), timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run([*launcher, str(ROOT / "train_gpt.py"), *args], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+# ----------------------------------------------------------------------------- shards
+
+def test_shard_round_trip_in_the_speedrun_format(tmp_path):
+    tokens = [0, 1, 255, 256, 50256, 65535] * 3
+    path = tmp_path / "x_train_000000.bin"
+    write_shard(path, tokens)
+    raw = path.read_bytes()
+    header = struct.unpack("<256i", raw[:1024])   # read back independently of read_shard
+    assert header[:3] == (20240520, 1, len(tokens)) and not any(header[3:])
+    assert len(raw) == 1024 + 2 * len(tokens)
+    assert list(struct.unpack(f"<{len(tokens)}H", raw[1024:])) == tokens
+    assert read_shard(path).to(torch.int64).tolist() == tokens
+
+
+def corrupt(path: Path, kind: str) -> None:
+    raw = bytearray(path.read_bytes())
+    if kind == "magic":
+        raw[0:4] = struct.pack("<i", 12345)
+    elif kind == "version":
+        raw[4:8] = struct.pack("<i", 7)
+    elif kind == "truncated":
+        del raw[-10:]
+    elif kind == "header":
+        del raw[100:]
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("magic", "magic number 12345"), ("version", "shard version 7"),
+    ("truncated", "truncated or corrupt"), ("header", "shorter than a shard"),
+    ("vocab", "token id 300 is outside the model's vocabulary of 256"),
+])
+def test_broken_shard_stops_the_run_before_training_naming_the_file(tmp_path, kind, message):
+    data_dir, out_dir = tmp_path / "data", tmp_path / "out"
+    data_dir.mkdir()
+    write_shard(data_dir / "a_val_000000.bin", list(range(256)) * 200)
+    bad = data_dir / "a_train_000001.bin"
+    write_shard(data_dir / "a_train_000000.bin", list(range(256)) * 200)
+    write_shard(bad, list(range(256)) * 199 + [300] * (256 if kind == "vocab" else 0))
+    if kind != "vocab":
+        corrupt(bad, kind)
+    with pytest.raises(ValueError, match=message) as error:
+        train_gpt.main([*SMALL, "--data-dir", str(data_dir), "--out-dir", str(out_dir),
+                        "--max-steps", "200"])
+    assert str(bad) in str(error.value)
+    assert not (out_dir / "log.jsonl").exists()      # nothing ran
+
+
+def test_data_dir_without_val_shards_is_refused(tmp_path):
+    write_shard(tmp_path / "only_train_000000.bin", list(range(256)) * 100)
+    with pytest.raises(FileNotFoundError, match="found 1 train and 0 val"):
+        train_gpt.main([*SMALL, "--data-dir", str(tmp_path), "--out-dir", str(tmp_path / "o")])
+
+
+def test_stdlib_corpus_is_split_by_file_and_deterministic(corpus, tmp_path):
+    train, val = train_gpt.find_shards(corpus)
+    val_text = b"".join(bytes(read_shard(p).to(torch.uint8).tolist()) for p in val)
+    assert len(val_text) > 100_000 and len(train) >= 5
+    again = tmp_path / "again"
+    build_stdlib_corpus(again, shard_tokens=2_000_000)
+    assert sorted(p.name for p in again.glob("*.bin")) == sorted(p.name for p in corpus.glob("*.bin"))
+    assert all((again / p.name).read_bytes() == p.read_bytes() for p in val)
+
+
+def test_tokens_per_step_must_divide_into_ranks_and_micro_batches(tmp_path, corpus):
+    with pytest.raises(ValueError, match="--tokens-per-step 1000 is not a multiple"):
+        train_gpt.main([*SMALL, "--tokens-per-step", "1000", "--data-dir", str(corpus),
+                        "--out-dir", str(tmp_path)])
+
+
+# ----------------------------------------------------------------------------- runs
+
+def test_python_run_learns_and_writes_its_summary(tmp_path, corpus):
+    out = tmp_path / "out"
+    result = run_cli([*SMALL, "--data-dir", str(corpus), "--out-dir", str(out),
+                      "--max-steps", "40", "--val-every", "20"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    evals, summary = read_log(out)
+    assert [e["step"] for e in evals] == [0, 20, 40]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.5    # from ln(256) = 5.55
+    assert summary["steps"] == 40 and summary["finished"] and summary["world_size"] == 1
+    assert summary["tokens_per_s"] > 0 and summary["peak_memory_mib"] > 0
+    assert "val loss" in result.stderr + result.stdout
+
+
+def test_torchrun_two_ranks_match_one_rank(tmp_path, corpus):
+    # 1024 tokens per step: one rank reads two micro-batches of 512, two ranks one each, the
+    # same tokens, so DDP's averaged gradient equals the single rank's accumulated one.
+    common = [*SMALL, "--data-dir", str(corpus), "--max-steps", "30", "--val-every", "10"]
+    single = run_cli([*common, "--out-dir", str(tmp_path / "one")])
+    assert single.returncode == 0, single.stderr[-3000:]
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node=2")
+    double = run_cli([*common, "--out-dir", str(tmp_path / "two")], launcher=launcher)
+    assert double.returncode == 0, double.stderr[-3000:]
+
+    one_evals, _ = read_log(tmp_path / "one")
+    two_evals, two_summary = read_log(tmp_path / "two")
+    assert two_summary["world_size"] == 2
+    assert two_evals[-1]["val_loss"] < two_evals[0]["val_loss"] - 1.0
+    for a, b in zip(one_evals, two_evals, strict=True):
+        assert a["step"] == b["step"]
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
+
+
+def test_resume_continues_bit_exactly(tmp_path, corpus):
+    common = [*SMALL, "--data-dir", str(corpus), "--max-steps", "24", "--val-every", "4"]
+    train_gpt.main([*common, "--out-dir", str(tmp_path / "straight")])
+    train_gpt.main([*common, "--out-dir", str(tmp_path / "split"), "--stop-at-step", "12"])
+    assert (tmp_path / "split" / "checkpoint_000012.pt").exists()
+    train_gpt.main([*common, "--out-dir", str(tmp_path / "split"),
+                    "--resume", str(tmp_path / "split")])
+
+    straight, _ = read_log(tmp_path / "straight")
+    split, summary = read_log(tmp_path / "split")
+    assert summary["steps"] == 24 and summary["finished"]
+    assert [(e["step"], e["val_loss"], e["train_loss"]) for e in straight] == \
+           [(e["step"], e["val_loss"], e["train_loss"]) for e in split]
+
+
+@pytest.mark.parametrize("optimizer", ["normuon", "muon", "adamw"])
+def test_every_optimizer_choice_trains(tmp_path, corpus, optimizer):
+    summary = train_gpt.main([*SMALL, "--data-dir", str(corpus), "--out-dir", str(tmp_path),
+                              "--max-steps", "30", "--val-every", "30",
+                              "--optimizer", optimizer])
+    evals, _ = read_log(tmp_path)
+    assert summary["optimizer"] == optimizer
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0
+
+
+def test_optimizer_choice_sets_the_hidden_matrices_algorithm():
+    model = train_gpt.GPT(train_gpt.PRESETS["tiny"])
+    for choice in ("normuon", "muon", "adamw"):
+        optimizer = train_gpt.build_optimizer(model, train_gpt.PRESETS["tiny"], choice)
+        hidden, other = optimizer.param_groups
+        assert hidden["algorithm"] == choice and other["algorithm"] == "adamw"
+        assert {n.split(".")[0] for n in other["param_names"]} == {"embed", "lm_head"}
+        assert all(n.startswith("blocks.") for n in hidden["param_names"])

@@ -1,0 +1,540 @@
+"""train_gpt.py: a small modern GPT trained with NorMuon, launched the way speedrunners do.
+
+    pip install -r requirements.txt
+    python train_gpt.py                                     # CPU: tiny byte-level GPT, minutes
+    torchrun --standalone --nproc_per_node=2 train_gpt.py   # the same on 2 processes (gloo)
+    torchrun --standalone --nproc_per_node=8 train_gpt.py --preset gpt2 --data-dir fineweb10B
+
+With no --data-dir the training text is this Python installation's own standard library,
+split by file into train and val and cached once as token shards (byte-level, vocab 256).
+--data-dir reads shards of the speedrun format (a 256 x int32 header: magic 20240520,
+version 1, token count; then uint16 tokens), e.g. the FineWeb10B GPT-2 caches, unchanged.
+Each evaluation and a final summary go to <out-dir>/log.jsonl as one JSON line each.
+
+Sections: configuration, model, data, optimizer, evaluation, checkpoints, training loop.
+"""
+import argparse
+import array
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import resource
+import struct
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm import tqdm
+
+from normuon import NorMuon, param_groups
+
+# ----------------------------------------------------------------------------- configuration
+
+
+@dataclasses.dataclass
+class Config:
+    vocab_size: int
+    n_layer: int
+    n_head: int
+    dim: int
+    seq_len: int
+    tokens_per_step: int    # global batch, over all ranks and gradient-accumulation steps
+    micro_batch: int        # sequences per rank per forward pass
+    max_steps: int
+    val_every: int
+    val_tokens: int
+    lr: float               # hidden matrices (AdamW scale: NorMuon's updates have RMS 0.2*lr)
+    adam_lr: float          # embeddings and head, always AdamW
+    weight_decay: float     # hidden matrices only
+    cooldown_frac: float    # the lr decays linearly to 0 over this last fraction of the steps
+    target_val_loss: float
+
+
+PRESETS = {
+    # byte-level; on 2 CPU cores a few minutes
+    "tiny": Config(vocab_size=256, n_layer=4, n_head=4, dim=128, seq_len=256,
+                   tokens_per_step=8192, micro_batch=16, max_steps=600, val_every=100,
+                   val_tokens=131072, lr=6e-3, adam_lr=1e-2, weight_decay=0.1,
+                   cooldown_frac=0.4, target_val_loss=1.6),
+    # the 124M speedrun model: GPT-2 vocabulary padded to a multiple of 128, ~0.5M tokens/step
+    "gpt2": Config(vocab_size=50304, n_layer=12, n_head=12, dim=768, seq_len=1024,
+                   tokens_per_step=524288, micro_batch=32, max_steps=5000, val_every=125,
+                   val_tokens=10485760, lr=2e-3, adam_lr=6e-3, weight_decay=0.1,
+                   cooldown_frac=0.4, target_val_loss=3.28),
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", choices=PRESETS, help="tiny on CPU, gpt2 on CUDA (default)")
+    parser.add_argument("--optimizer", choices=("normuon", "muon", "adamw"), default="normuon",
+                        help="for the hidden matrices; embeddings and head always use adamw")
+    parser.add_argument("--data-dir", type=Path,
+                        help="folder of *train*.bin / *val*.bin shards (default: stdlib corpus)")
+    parser.add_argument("--out-dir", type=Path, default=Path("out"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                        help="torch.compile the model (default: on for CUDA, off for CPU)")
+    parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps")
+    parser.add_argument("--stop-at-step", type=int,
+                        help="save a checkpoint and exit at this step (the schedule still "
+                             "runs to --max-steps; continue with --resume)")
+    parser.add_argument("--resume", type=Path, help="a checkpoint file, or an out dir")
+    for field in dataclasses.fields(Config):   # every preset value can be overridden
+        parser.add_argument("--" + field.name.replace("_", "-"), type=field.type)
+    return parser.parse_args(argv)
+
+
+def resolve_config(args, device: torch.device) -> Config:
+    preset = args.preset or ("gpt2" if device.type == "cuda" else "tiny")
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
+                 if getattr(args, f.name) is not None}
+    return dataclasses.replace(PRESETS[preset], **overrides)
+
+
+# ----------------------------------------------------------------------------- model
+
+def rms_norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class Rotary(nn.Module):
+    def __init__(self, head_dim: int, max_seq_len: int, base: float = 10000.0):
+        super().__init__()
+        inverse_frequency = base ** (-torch.arange(0, head_dim, 2).float() / head_dim)
+        angles = torch.outer(torch.arange(max_seq_len).float(), inverse_frequency)  # (T, d/2)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:                 # x: (B, H, T, d)
+        cos, sin = self.cos[:x.size(-2)], self.sin[:x.size(-2)]
+        x1, x2 = x.float().chunk(2, dim=-1)
+        return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1).type_as(x)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, n_head: int, max_seq_len: int):
+        super().__init__()
+        self.n_head = n_head
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.rotary = Rotary(dim // n_head, max_seq_len)
+
+    def forward(self, x: Tensor) -> Tensor:                 # x: (B, T, D)
+        q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3,
+                            h=self.n_head)
+        q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))   # QK-norm, then RoPE
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash on CUDA
+        return self.proj(rearrange(y, "b h t d -> b t (h d)"))
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.fc = nn.Linear(dim, 4 * dim, bias=False)
+        self.proj = nn.Linear(4 * dim, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(F.relu(self.fc(x)).square())        # ReLU^2
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, n_head: int, max_seq_len: int):
+        super().__init__()
+        self.attn = Attention(dim, n_head, max_seq_len)
+        self.mlp = MLP(dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.attn(rms_norm(x))
+        return x + self.mlp(rms_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.blocks = nn.ModuleList(Block(cfg.dim, cfg.n_head, cfg.seq_len)
+                                    for _ in range(cfg.n_layer))
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)   # untied
+        for block in self.blocks:   # every residual branch starts as the identity
+            nn.init.zeros_(block.attn.proj.weight)
+            nn.init.zeros_(block.mlp.proj.weight)
+        nn.init.zeros_(self.lm_head.weight)
+
+    def forward(self, idx: Tensor, targets: Tensor) -> Tensor:   # idx, targets: (B, T)
+        x = rms_norm(self.embed(idx))
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(rms_norm(x)).float()           # (B, T, V)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+# ----------------------------------------------------------------------------- data
+
+SHARD_MAGIC, SHARD_VERSION, HEADER_INTS = 20240520, 1, 256
+HEADER_BYTES = 4 * HEADER_INTS
+
+
+def write_shard(path: Path, tokens) -> None:
+    """Write tokens (a list, bytes or 1-D tensor of ints < 65536) as a shard, atomically."""
+    data = array.array("H", tokens.tolist() if isinstance(tokens, Tensor) else list(tokens))
+    if sys.byteorder == "big":
+        data.byteswap()
+    header = struct.pack(f"<{HEADER_INTS}i", SHARD_MAGIC, SHARD_VERSION, len(data),
+                         *[0] * (HEADER_INTS - 3))
+    temporary = path.with_name(path.name + ".tmp")
+    with open(temporary, "wb") as f:
+        f.write(header)
+        f.write(data.tobytes())
+    os.replace(temporary, path)
+
+
+def read_shard_header(path: Path) -> int:
+    """Check a shard's header and size; return its token count."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        header = f.read(HEADER_BYTES)
+    if len(header) < HEADER_BYTES:
+        raise ValueError(f"{path}: {size} bytes is shorter than a shard's {HEADER_BYTES}-byte "
+                         f"header; the file is truncated or not a token shard")
+    magic, version, n_tokens = struct.unpack("<3i", header[:12])
+    if magic != SHARD_MAGIC:
+        raise ValueError(f"{path}: magic number {magic}, expected {SHARD_MAGIC}; "
+                         f"not a speedrun token shard")
+    if version != SHARD_VERSION:
+        raise ValueError(f"{path}: shard version {version}, this script reads version "
+                         f"{SHARD_VERSION}")
+    if size != HEADER_BYTES + 2 * n_tokens:
+        raise ValueError(f"{path}: header says {n_tokens} tokens ({HEADER_BYTES + 2 * n_tokens} "
+                         f"bytes) but the file has {size} bytes; it is truncated or corrupt")
+    return n_tokens
+
+
+def read_shard(path: Path) -> Tensor:
+    """All tokens of a shard, (N,) uint16."""
+    read_shard_header(path)
+    with open(path, "rb") as f:
+        f.seek(HEADER_BYTES)
+        data = bytearray(f.read())
+    if sys.byteorder == "big":
+        swapped = array.array("H", bytes(data))
+        swapped.byteswap()
+        data = bytearray(swapped.tobytes())
+    return torch.frombuffer(data, dtype=torch.uint16) if data else torch.empty(0, dtype=torch.uint16)
+
+
+def check_token_range(path: Path, vocab_size: int) -> None:
+    tokens = read_shard(path)
+    chunk = 1 << 24
+    largest = max((int(tokens[i:i + chunk].to(torch.int32).max())
+                   for i in range(0, len(tokens), chunk)), default=-1)
+    if largest >= vocab_size:
+        raise ValueError(f"{path}: token id {largest} is outside the model's vocabulary of "
+                         f"{vocab_size}; wrong tokenizer, or choose a matching --preset/"
+                         f"--vocab-size")
+
+
+def find_shards(data_dir: Path) -> tuple[list[Path], list[Path]]:
+    if not data_dir.is_dir():
+        raise FileNotFoundError(f"--data-dir {data_dir} is not a folder")
+    shards = sorted(data_dir.glob("*.bin"))
+    train = [p for p in shards if "train" in p.name]
+    val = [p for p in shards if "val" in p.name]
+    if not train or not val:
+        raise FileNotFoundError(f"--data-dir {data_dir} needs *train*.bin and *val*.bin shards; "
+                                f"found {len(train)} train and {len(val)} val")
+    return train, val
+
+
+def build_stdlib_corpus(out_dir: Path, shard_tokens: int = 10_000_000) -> None:
+    """Byte-level shards of the standard library's .py files: every 50th file (in sorted
+    order) is validation, so that no file is in both. Deterministic for one Python version."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
+    splits = {"val": files[::50], "train": [p for i, p in enumerate(files) if i % 50]}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for split, paths in splits.items():
+        text = b"".join(p.read_bytes() for p in paths)
+        for index, start in enumerate(range(0, len(text), shard_tokens)):
+            write_shard(out_dir / f"stdlib_{split}_{index:06d}.bin",
+                        text[start:start + shard_tokens])
+    (out_dir / "COMPLETE").write_text(f"{len(files)} files from {root}\n")
+
+
+def default_data_dir() -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return cache / "normuon" / f"stdlib-py{sys.version_info[0]}.{sys.version_info[1]}"
+
+
+class TokenStream:
+    """Walks the shards in order, wrapping at the end. All ranks walk the same global stream:
+    each micro-step takes world*B*T tokens, of which rank r reads the r-th (B, T) block."""
+
+    def __init__(self, files: list[Path], micro_batch: int, seq_len: int, rank: int,
+                 world: int):
+        self.files, self.B, self.T, self.rank, self.world = files, micro_batch, seq_len, rank, world
+        self.shard_index, self.position, self.tokens = 0, 0, None
+
+    def state(self) -> dict:
+        return {"shard_index": self.shard_index, "position": self.position}
+
+    def load_state(self, state: dict) -> None:
+        self.shard_index, self.position, self.tokens = state["shard_index"], state["position"], None
+
+    def next_batch(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        span = self.world * self.B * self.T
+        if self.tokens is None:
+            self.tokens = read_shard(self.files[self.shard_index])
+        if self.position + span + 1 > len(self.tokens):       # too short for a whole step
+            self.shard_index = (self.shard_index + 1) % len(self.files)
+            self.position, self.tokens = 0, read_shard(self.files[self.shard_index])
+        start = self.position + self.rank * self.B * self.T
+        chunk = self.tokens[start:start + self.B * self.T + 1].to(torch.int64)
+        self.position += span
+        x, y = chunk[:-1].view(self.B, self.T), chunk[1:].view(self.B, self.T)
+        return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+
+
+def prepare_data(cfg: Config, data_dir: Path | None, rank: int,
+                 world: int) -> tuple[list[Path], list[Path]]:
+    """Find (or build) the shards and check every one the run reads, before training."""
+    if data_dir is None:
+        data_dir = default_data_dir()
+        if rank == 0 and not (data_dir / "COMPLETE").exists():
+            print(f"building the standard-library corpus in {data_dir} (once)")
+            build_stdlib_corpus(data_dir)
+        if dist.is_initialized():
+            dist.barrier()
+    train, val = find_shards(data_dir)
+    span = world * cfg.micro_batch * cfg.seq_len     # tokens of one micro-step, all ranks
+    counts = [read_shard_header(p) for p in train + val]
+    for path, count in zip(train + val, counts):
+        if count < span + 1:
+            raise ValueError(f"{path}: {count} tokens, fewer than one micro-step of all ranks "
+                             f"({world} x {cfg.micro_batch} x {cfg.seq_len} + 1)")
+    needed, used, read = cfg.max_steps * cfg.tokens_per_step, 0, []
+    for path, count in zip(train, counts):   # the shards this run reads, in order
+        if used <= needed:
+            read.append(path)
+        used += count
+    for path in read + val:
+        check_token_range(path, cfg.vocab_size)
+    return train, val
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+def build_optimizer(model: GPT, cfg: Config, algorithm: str) -> NorMuon:
+    """Hidden matrices: `algorithm` at lr; embeddings and head: AdamW at adam_lr, no decay."""
+    groups = param_groups(model, head=model.lm_head, algorithm=algorithm, lr=cfg.adam_lr,
+                          weight_decay=0.0)
+    return NorMuon(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def lr_factor(step: int, cfg: Config) -> float:
+    """Constant, then linear decay to 0 over the last cooldown_frac of the run."""
+    cooldown_start = cfg.max_steps * (1 - cfg.cooldown_frac)
+    if step < cooldown_start:
+        return 1.0
+    return max(0.0, (cfg.max_steps - step) / (cfg.max_steps - cooldown_start))
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate(model: nn.Module, cfg: Config, val_files: list[Path], rank: int, world: int,
+             device: torch.device, autocast) -> float:
+    """Mean loss over the first val_tokens of the val shards (all ranks together)."""
+    stream = TokenStream(val_files, cfg.micro_batch, cfg.seq_len, rank, world)
+    available = sum(read_shard_header(p) for p in val_files)
+    span = world * cfg.micro_batch * cfg.seq_len
+    steps = min(cfg.val_tokens, available - 1) // span
+    if steps == 0:
+        raise ValueError(f"the val shards hold {available} tokens, fewer than one "
+                         f"evaluation batch of {span}; lower --micro-batch or --seq-len")
+    model.eval()
+    total = torch.zeros((), device=device)
+    for _ in range(steps):
+        x, y = stream.next_batch(device)
+        with autocast:
+            total += model(x, y).float()
+    model.train()
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    return total.item() / (steps * world)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write to a temporary file, then rename: a crash never leaves half a checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    torch.save(state, temporary)
+    os.replace(temporary, path)
+
+
+def find_checkpoint(path: Path) -> Path:
+    if path.is_dir():
+        candidates = sorted(path.glob("checkpoint_*.pt"))
+        if not candidates:
+            raise FileNotFoundError(f"--resume {path}: no checkpoint_*.pt in this folder")
+        return candidates[-1]
+    if not path.exists():
+        raise FileNotFoundError(f"--resume {path}: no such file")
+    return path
+
+
+# ----------------------------------------------------------------------------- training loop
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if args.device:
+        device = torch.device(args.device)
+    else:
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    print0 = lambda *a: tqdm.write(" ".join(map(str, a))) if rank == 0 else None  # noqa: E731
+
+    cfg = resolve_config(args, device)
+    per_pass = world * cfg.micro_batch * cfg.seq_len
+    if cfg.tokens_per_step % per_pass:
+        raise ValueError(f"--tokens-per-step {cfg.tokens_per_step} is not a multiple of "
+                         f"world size {world} x micro-batch {cfg.micro_batch} x seq-len "
+                         f"{cfg.seq_len} = {per_pass}; change one of them")
+    accumulation = cfg.tokens_per_step // per_pass
+    use_compile = args.compile if args.compile is not None else device.type == "cuda"
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
+    train_files, val_files = prepare_data(cfg, args.data_dir, rank, world)
+
+    torch.manual_seed(args.seed)
+    raw_model = GPT(cfg).to(device)
+    optimizer = build_optimizer(raw_model, cfg, args.optimizer)
+    base_lrs = [group["lr"] for group in optimizer.param_groups]
+    ddp_model = DistributedDataParallel(raw_model) if world > 1 else None
+    model = ddp_model or raw_model
+    if use_compile:
+        model = torch.compile(model)
+    stream = TokenStream(train_files, cfg.micro_batch, cfg.seq_len, rank, world)
+
+    step, train_time, reached, resumed_at = 0, 0.0, None, None
+    if args.resume:
+        path = find_checkpoint(args.resume)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        raw_model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        stream.load_state(checkpoint["stream"])
+        torch.set_rng_state(checkpoint["rng_cpu"])
+        step, train_time, reached = checkpoint["step"], checkpoint["train_time"], checkpoint["reached"]
+        resumed_at = step
+        print0(f"resumed from {path} at step {step}")
+
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    print0(f"{n_params / 1e6:.2f}M parameters, {world} rank(s) on {device}, "
+           f"{cfg.tokens_per_step} tokens/step ({accumulation} accumulation step(s)), "
+           f"optimizer {args.optimizer}, compile {use_compile}")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    log = open(args.out_dir / "log.jsonl", "a") if rank == 0 else None
+
+    def log_line(record: dict) -> None:
+        if log:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+
+    stop_at = min(args.stop_at_step or cfg.max_steps, cfg.max_steps)
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=rank != 0, dynamic_ncols=True,
+               mininterval=1.0)
+    counted_steps, train_loss, val_loss = 0, None, None
+    warmed_up = not use_compile
+    while True:
+        # -- evaluation (not on the clock)
+        due = step % cfg.val_every == 0 or step == stop_at
+        if due and step != resumed_at:   # a resumed run's first step was evaluated before
+            val_loss = evaluate(model, cfg, val_files, rank, world, device, autocast)
+            if reached is None and val_loss <= cfg.target_val_loss:
+                reached = {"step": step, "train_time_s": train_time}
+            print0(f"step {step}/{cfg.max_steps} val loss {val_loss:.4f} "
+                   f"train time {train_time:.1f}s")
+            log_line({"kind": "val", "step": step, "val_loss": val_loss,
+                      "train_loss": train_loss, "train_time_s": train_time})
+        if step == stop_at:
+            break
+        # -- one optimizer step
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        for micro in range(accumulation):
+            x, y = stream.next_batch(device)
+            last = micro == accumulation - 1
+            sync = ddp_model.no_sync() if ddp_model and not last else contextlib.nullcontext()
+            with sync, autocast:
+                loss = model(x, y) / accumulation
+            loss.backward()
+        for group, base_lr in zip(optimizer.param_groups, base_lrs):
+            group["lr"] = base_lr * lr_factor(step, cfg)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        train_loss = loss.item() * accumulation
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if warmed_up:   # a compiling first step is off the clock
+            train_time += time.perf_counter() - start
+            counted_steps += 1
+        warmed_up = True
+        step += 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{train_loss:.3f}",
+                        tok_s=f"{counted_steps * cfg.tokens_per_step / max(train_time, 1e-9):.0f}",
+                        refresh=False)
+        # -- checkpoints
+        stopping_early = step == stop_at and stop_at < cfg.max_steps
+        if (args.save_every and step % args.save_every == 0) or stopping_early:
+            if rank == 0:
+                save_checkpoint(args.out_dir / f"checkpoint_{step:06d}.pt", {
+                    "step": step, "model": raw_model.state_dict(),
+                    "optimizer": optimizer.state_dict(), "stream": stream.state(),
+                    "rng_cpu": torch.get_rng_state(), "train_time": train_time,
+                    "reached": reached, "config": dataclasses.asdict(cfg)})
+            if dist.is_initialized():
+                dist.barrier()
+    bar.close()
+
+    if device.type == "cuda":
+        peak_mib = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    summary = {"kind": "summary", "steps": step, "finished": step == cfg.max_steps,
+               "val_loss": val_loss, "train_time_s": train_time,
+               "tokens_per_s": counted_steps * cfg.tokens_per_step / max(train_time, 1e-9),
+               "target_val_loss": cfg.target_val_loss,
+               "target_reached_step": reached and reached["step"],
+               "target_reached_time_s": reached and reached["train_time_s"],
+               "peak_memory_mib": peak_mib, "optimizer": args.optimizer, "world_size": world,
+               "device": str(device), "config": dataclasses.asdict(cfg)}
+    log_line(summary)
+    print0(f"done: {step} steps, val loss {val_loss:.4f}, {summary['tokens_per_s']:.0f} tokens/s, "
+           f"target {cfg.target_val_loss} reached at step {summary['target_reached_step']}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return summary
+
+
+if __name__ == "__main__":
+    main()
