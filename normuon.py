@@ -70,9 +70,12 @@ NORM_FLOOR = 1e-30
 # ----------------------------------------------------------------------------- orthogonalizers
 
 def _odd_polynomial_iteration(U: Tensor, coefficients, input_scale: float) -> Tensor:
-    """X <- a*X + (b*A + c*A^2) X with A = X X^T, in bf16, on U (..., m, n) / (scale*|U|_F)."""
-    X = U / (input_scale * U.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    X = X.bfloat16()
+    """X <- a*X + (b*A + c*A^2) X with A = X X^T, in bf16, on U (..., m, n) / (scale*|U|_F).
+
+    U is rounded to bf16 first, so a bf16 copy of U (what a sharded optimizer sends to the
+    matrix's owner) gives exactly the same result as U itself."""
+    X = U.bfloat16()
+    X = X / (input_scale * X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     transposed = X.size(-2) > X.size(-1)
     if transposed:  # work on the small Gram matrix: rows <= cols
         X = X.mT
@@ -227,10 +230,11 @@ class NorMuon(torch.optim.Optimizer):
         state = self.state[param]
         if not state:
             dtype = state_dtype(param)
-            state["momentum_buffer"] = torch.zeros_like(
-                param, dtype=dtype, memory_format=torch.contiguous_format)
-            state["second_moment"] = torch.zeros(param.shape[0], dtype=dtype,
-                                                 device=param.device)
+            momentum = torch.zeros_like(param, dtype=dtype,
+                                        memory_format=torch.contiguous_format)
+            state["momentum_buffer"] = momentum
+            # (m,) zeros laid out like the rows: a row-sharded parameter gets a sharded v
+            state["second_moment"] = momentum.sum(dim=tuple(range(1, param.ndim)))
         return state
 
     def adamw_state(self, param: Tensor) -> dict:
@@ -250,13 +254,7 @@ class NorMuon(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for index, group in enumerate(self.param_groups):
-            params = [p for p in group["params"] if p.grad is not None]
-            for p in params:
-                if p.grad.is_sparse:
-                    raise RuntimeError(
-                        f"NorMuon: param group {index} has a sparse gradient for a parameter "
-                        f"of shape {tuple(p.shape)}; NorMuon needs dense gradients (use "
-                        f"nn.Embedding(sparse=False) or torch.optim.SparseAdam for it)")
+            params = params_with_grad(group, index)
             if group["algorithm"] == "adamw":
                 self._adamw_step(group, params)
             else:
@@ -303,6 +301,18 @@ class NorMuon(torch.optim.Optimizer):
             for key, value in state_dict["state"].get(saved_id, {}).items():
                 if isinstance(value, Tensor):
                     self.state[p][key] = value.to(device=p.device, copy=True)
+
+
+def params_with_grad(group: dict, index: int) -> list[Tensor]:
+    """The group's parameters that have a gradient this step; the others are not touched."""
+    params = [p for p in group["params"] if p.grad is not None]
+    for p in params:
+        if p.grad.is_sparse:
+            raise RuntimeError(
+                f"NorMuon: param group {index} has a sparse gradient for a parameter of shape "
+                f"{tuple(p.shape)}; NorMuon needs dense gradients (use "
+                f"nn.Embedding(sparse=False) or torch.optim.SparseAdam for it)")
+    return params
 
 
 def check_param_group(group: dict, index: int) -> None:

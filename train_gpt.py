@@ -20,6 +20,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 import resource
 import struct
 import sys
@@ -258,10 +259,12 @@ def find_shards(data_dir: Path) -> tuple[list[Path], list[Path]]:
 
 
 def build_stdlib_corpus(out_dir: Path, shard_tokens: int = 10_000_000) -> None:
-    """Byte-level shards of the standard library's .py files: every 50th file (in sorted
-    order) is validation, so that no file is in both. Deterministic for one Python version."""
+    """Byte-level shards of the standard library's .py files, in a fixed shuffled order (sorted,
+    the stream would end on one package, test/, for long stretches); every 50th file is
+    validation, so that no file is in both. Deterministic for one Python version."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
+    random.Random(0).shuffle(files)
     splits = {"val": files[::50], "train": [p for i, p in enumerate(files) if i % 50]}
     out_dir.mkdir(parents=True, exist_ok=True)
     for split, paths in splits.items():
@@ -274,7 +277,7 @@ def build_stdlib_corpus(out_dir: Path, shard_tokens: int = 10_000_000) -> None:
 
 def default_data_dir() -> Path:
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return cache / "normuon" / f"stdlib-py{sys.version_info[0]}.{sys.version_info[1]}"
+    return cache / "normuon" / f"stdlib-v2-py{sys.version_info[0]}.{sys.version_info[1]}"
 
 
 class TokenStream:

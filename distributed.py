@@ -1,0 +1,313 @@
+"""distributed.py: NorMuon for FSDP2-sharded and replicated parameters, on any number of ranks.
+
+    from torch.distributed.fsdp import fully_shard
+    from normuon import param_groups
+    from distributed import DistributedNorMuon
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+    opt = DistributedNorMuon(param_groups(model), lr=1e-3, weight_decay=0.1)
+
+The same constructor, param-group keys and algorithms as `normuon.NorMuon`, plus
+`process_group` (default: the default group) and `compile` (default: on for CUDA). The math is
+normuon.py's; this file only moves rows between ranks.
+
+Which rank holds what:
+- Every rank holds its rows of each FSDP2 parameter (DTensor, Shard(0): a contiguous block of
+  whole rows, ceil(m/W) per rank, the last ranks fewer or none), the gradient rows, and the
+  optimizer state of those rows: momentum rows, the second moment of those rows (neurons), and
+  AdamW moments. Optimizer memory per rank falls as 1/W.
+- Each hidden matrix has one owner rank, chosen so that Newton-Schulz FLOPs are balanced. For
+  one step the owner also holds the whole matrix's momentum direction U and its orthogonalized O.
+
+A step (SPEC §2, the paper's Algorithm 2):
+1. momentum on local rows                                       (no communication)
+2. gather: each rank sends its rows of U to the owner             (bf16; one all-to-all per shape)
+3. the owner orthogonalizes its same-shape matrices as one batch
+4. scatter: the owner sends each rank its rows of O               (bf16; one all-to-all per shape)
+5. second moment and row normalization on local rows               (no communication)
+6. one all-reduce of every matrix's squared Frobenius norms, so that the step size, and so the
+   result, equals the single-device optimizer's for any world size
+7. decay and update on local rows.
+Gathers are all issued at once, asynchronously; each shape's scatter is issued as soon as its
+orthogonalization is done, so communication overlaps computation.
+Replicated parameters (plain tensors under DDP) skip the gather: owners orthogonalize, and one
+all-gather per shape shares the results.
+"""
+import dataclasses
+import itertools
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+from torch.distributed.tensor import DTensor, Shard
+
+from normuon import (NorMuon, adamw_update, as_matrix_shape, nesterov_direction,
+                     normalize_neurons, orthogonalize, params_with_grad, squared_norm,
+                     update_scale)
+
+
+# ----------------------------------------------------------------------------- the plan
+
+def newton_schulz_flops(m: int, n: int, steps: int = 5) -> int:
+    """Matmul FLOPs of `steps` iterations on an (m, n) matrix: with r = min, c = max,
+    X X^T (2 r^2 c), A A (2 r^3) and B X (2 r^2 c) per iteration."""
+    r, c = min(m, n), max(m, n)
+    return steps * (4 * r * r * c + 2 * r ** 3)
+
+
+def assign_owners(shapes: list[tuple[int, int]], world: int, steps: int = 5) -> list[int]:
+    """Owner rank of each matrix: largest first, each to the least-loaded rank (greedy LPT,
+    which balances better than the paper's round-robin over sorted sizes)."""
+    costs = [newton_schulz_flops(m, n, steps) for m, n in shapes]
+    load, owners = [0] * world, [0] * len(shapes)
+    for i in sorted(range(len(shapes)), key=lambda i: -costs[i]):
+        owners[i] = min(range(world), key=lambda r: (load[r], r))
+        load[owners[i]] += costs[i]
+    return owners
+
+
+def shard_rows(m: int, world: int) -> list[int]:
+    """Rows of an (m, ...) tensor on each rank under FSDP2's Shard(0) (torch.chunk's split)."""
+    chunk = -(-m // world)
+    return [max(0, min(chunk, m - r * chunk)) for r in range(world)]
+
+
+def local(t: Tensor) -> Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+@dataclasses.dataclass
+class Matrix:
+    """One hidden matrix in this step: its local rows and where the rest are."""
+    param: Tensor
+    group: dict
+    state: dict
+    m: int
+    n: int
+    owner: int
+    rows: list[int] | None     # rows per rank when sharded; None when replicated
+    U: Tensor                  # (local rows, n) momentum direction
+    O: Tensor | None = None    # (local rows, n) orthogonalized, once it arrives
+
+
+# ----------------------------------------------------------------------------- the optimizer
+
+class DistributedNorMuon(NorMuon):
+    """NorMuon whose orthogonalization is spread over ranks by matrix owner (see the module
+    docstring). A drop-in for normuon.NorMuon on FSDP2 or DDP models."""
+
+    def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, *,
+                 process_group=None, compile: bool | None = None, **kwargs):
+        super().__init__(params, lr, weight_decay, **kwargs)
+        self.process_group = process_group or dist.group.WORLD
+        self.rank = dist.get_rank(self.process_group)
+        self.world = dist.get_world_size(self.process_group)
+        self.compile = torch.cuda.is_available() if compile is None else compile
+        # lr and weight decay stay outside the compiled functions: changing them never recompiles
+        self._orthogonalize = torch.compile(orthogonalize) if self.compile else orthogonalize
+        self._normalize = torch.compile(normalize_neurons) if self.compile else normalize_neurons
+        self.last_step_stats: dict = {}
+        self._plan()
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        if hasattr(self, "world"):    # after construction: re-plan owners, create the state
+            self._plan()
+
+    def _plan(self) -> None:
+        """Owners for every matrix, and all state now, so a checkpoint is complete at once."""
+        matrices = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if isinstance(p, DTensor) and tuple(p.placements) != (Shard(0),):
+                    raise ValueError(
+                        f"DistributedNorMuon: a parameter of shape {tuple(p.shape)} has "
+                        f"placements {p.placements}; only FSDP2's row sharding (Shard(0)) on a "
+                        f"1-D mesh and replicated plain tensors are supported")
+                if group["algorithm"] == "adamw":
+                    self.adamw_state(p)
+                else:
+                    self.matrix_state(p)
+                    matrices.append(p)
+        owners = assign_owners([as_matrix_shape(p.shape) for p in matrices], self.world)
+        self.owner = {p: owner for p, owner in zip(matrices, owners)}
+
+    def ns_flops_per_rank(self) -> list[int]:
+        """Orthogonalizer FLOPs of each rank per step, from the owner assignment."""
+        flops = [0] * self.world
+        for group in self.param_groups:
+            if group["algorithm"] != "adamw":
+                for p in group["params"]:
+                    flops[self.owner[p]] += newton_schulz_flops(*as_matrix_shape(p.shape),
+                                                                group["ns_steps"])
+        return flops
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self.last_step_stats = {"bytes_sent": 0, "bytes_received": 0}
+        matrices = []
+        for index, group in enumerate(self.param_groups):
+            for p in params_with_grad(group, index):
+                state = (self.adamw_state if group["algorithm"] == "adamw" else
+                         self.matrix_state)(p)
+                if group["algorithm"] == "adamw":
+                    state["step"] += 1
+                    adamw_update(local(p), local(p.grad), local(state["exp_avg"]),
+                                 local(state["exp_avg_sq"]), state["step"],
+                                 lr=float(group["lr"]), betas=group["betas"],
+                                 eps=group["eps"], weight_decay=group["weight_decay"])
+                else:
+                    matrices.append(self._momentum(p, group, state))
+        self._orthogonalize_by_owner(matrices)
+        self._normalize_and_apply(matrices)
+        return loss
+
+    def _momentum(self, p: Tensor, group: dict, state: dict) -> Matrix:
+        m, n = as_matrix_shape(p.shape)                   # the global shape
+        U = nesterov_direction(local(state["momentum_buffer"]), local(p.grad),
+                               group["momentum"], group["nesterov"])
+        rows = shard_rows(m, self.world) if isinstance(p, DTensor) else None
+        if rows is not None and U.shape[0] != rows[self.rank]:
+            raise RuntimeError(
+                f"DistributedNorMuon: rank {self.rank} holds {U.shape[0]} rows of a parameter "
+                f"of shape {tuple(p.shape)}; expected FSDP2's even split {rows}")
+        return Matrix(p, group, state, m, n, self.owner[p], rows, U.reshape(-1, n))
+
+    # -- steps 2-4: gather to owners, orthogonalize, scatter back
+
+    def _orthogonalize_by_owner(self, matrices: list[Matrix]) -> None:
+        buckets: dict[tuple, list[Matrix]] = {}   # same shape and orthogonalizer: one batch
+        for x in matrices:
+            key = (x.m, x.n, x.rows is None, x.group["orthogonalizer"], x.group["ns_steps"],
+                   x.U.dtype, x.U.device)
+            buckets.setdefault(key, []).append(x)
+        gathers = [self._start_gather(bucket) for bucket in buckets.values()]
+        finishes = []
+        for bucket, (work, unpack) in zip(buckets.values(), gathers):
+            if work is not None:
+                work.wait()
+            mine = [x for x in bucket if x.owner == self.rank]
+            O = (self._orthogonalize(unpack(), bucket[0].group["orthogonalizer"],
+                                     bucket[0].group["ns_steps"]) if mine else None)
+            finishes.append(self._start_scatter(bucket, O))
+        for work, finish in finishes:
+            if work is not None:
+                work.wait()
+            finish()
+
+    def _wire_dtype(self, x: Matrix) -> torch.dtype:
+        """bf16 for the bf16 orthogonalizers (lossless: they round U to bf16 first, and O comes
+        out of bf16); the state dtype for the exact "svd"."""
+        return x.U.dtype if x.group["orthogonalizer"] == "svd" else torch.bfloat16
+
+    def _all_to_all(self, send_chunks: list[list[Tensor]], receive_sizes: list[int],
+                    dtype: torch.dtype, device: torch.device):
+        """Send send_chunks[r] (flattened, concatenated) to rank r; receive receive_sizes[r]
+        elements from rank r. Returns (work, received pieces per rank)."""
+        send_sizes = [sum(c.numel() for c in chunks) for chunks in send_chunks]
+        empty = torch.empty(0, dtype=dtype, device=device)
+        send = torch.cat([c.reshape(-1) for chunks in send_chunks for c in chunks] + [empty])
+        received = torch.empty(sum(receive_sizes), dtype=dtype, device=device)
+        self._count(send_sizes, receive_sizes, empty.element_size())
+        work = dist.all_to_all_single(received, send, receive_sizes, send_sizes,
+                                      group=self.process_group, async_op=True)
+        return work, list(received.split(receive_sizes))
+
+    def _count(self, sent: list[int], received: list[int], element_size: int) -> None:
+        """Add what goes to and comes from other ranks (elements per rank) to the stats."""
+        others = [r for r in range(self.world) if r != self.rank]
+        self.last_step_stats["bytes_sent"] += element_size * sum(sent[r] for r in others)
+        self.last_step_stats["bytes_received"] += element_size * sum(received[r] for r in others)
+
+    def _start_gather(self, bucket: list[Matrix]):
+        """Start moving U to the owners; returns (work, unpack) where unpack() gives the
+        owner's (k, m, n) batch of whole matrices."""
+        mine = [x for x in bucket if x.owner == self.rank]
+        if bucket[0].rows is None:                        # replicated: U is already whole
+            return None, lambda: torch.stack([x.U for x in mine])
+        wire = self._wire_dtype(bucket[0])
+        send = [[x.U.to(wire) for x in bucket if x.owner == r] for r in range(self.world)]
+        receive = [sum(x.rows[r] * x.n for x in mine) for r in range(self.world)]
+        work, pieces = self._all_to_all(send, receive, wire, bucket[0].U.device)
+
+        def unpack() -> Tensor:
+            # pieces[r] holds rank r's rows of each matrix I own, in bucket order
+            by_rank = [piece.split([x.rows[r] * x.n for x in mine])
+                       for r, piece in enumerate(pieces)]
+            whole = [torch.cat([by_rank[r][j] for r in range(self.world)]).view(x.m, x.n)
+                     for j, x in enumerate(mine)]
+            return torch.stack(whole).to(bucket[0].U.dtype)   # (k, m, n)
+        return work, unpack
+
+    def _start_scatter(self, bucket: list[Matrix], O: Tensor | None):
+        """Start sending each rank its rows of O (or, replicated, every rank all of it);
+        returns (work, finish) where finish() stores x.O on every matrix of the bucket."""
+        wire, dtype = self._wire_dtype(bucket[0]), bucket[0].U.dtype
+        mine = [x for x in bucket if x.owner == self.rank]
+        O_wire = O.to(wire) if O is not None else bucket[0].U.new_empty(0, dtype=wire)
+        if bucket[0].rows is None:
+            return self._start_share(bucket, mine, O_wire, dtype)
+        starts = [0, *itertools.accumulate(bucket[0].rows)]
+        send = [[O_wire[j, starts[r]:starts[r + 1]] for j in range(len(mine))]
+                for r in range(self.world)]
+        receive = [sum(x.rows[self.rank] * x.n for x in bucket if x.owner == r)
+                   for r in range(self.world)]
+        work, pieces = self._all_to_all(send, receive, wire, O_wire.device)
+
+        def finish() -> None:
+            for r, piece in enumerate(pieces):
+                owned = [x for x in bucket if x.owner == r]
+                for x, rows in zip(owned, piece.split([x.rows[self.rank] * x.n for x in owned])):
+                    x.O = rows.view(-1, x.n).to(dtype)
+        return work, finish
+
+    def _start_share(self, bucket, mine, O_wire, dtype):
+        """Replicated matrices: all-gather every owner's results (padded to equal length)."""
+        per_rank = [sum(x.m * x.n for x in bucket if x.owner == r) for r in range(self.world)]
+        longest = max(per_rank)
+        send = torch.cat([O_wire.reshape(-1), O_wire.new_zeros(longest - O_wire.numel())])
+        received = send.new_empty(self.world * longest)
+        self._count([longest] * self.world, [longest] * self.world, send.element_size())
+        work = dist.all_gather_single(received, send, group=self.process_group,
+                                           async_op=True)
+
+        def finish() -> None:
+            for r, piece in enumerate(received.split(longest)):
+                owned = [x for x in bucket if x.owner == r]
+                for x, whole in zip(owned, piece[:per_rank[r]].split([x.m * x.n for x in owned])):
+                    x.O = whole.view(x.m, x.n).to(dtype)
+        return work, finish
+
+    # -- steps 5-7: normalize rows locally, one all-reduce of norms, update
+
+    def _normalize_and_apply(self, matrices: list[Matrix]) -> None:
+        O_hats, squared = [], []
+        for x in matrices:
+            g = x.group
+            O_hat = (self._normalize(x.O, local(x.state["second_moment"]), g["beta2"], g["eps"])
+                     if g["algorithm"] == "normuon" else x.O)
+            O_hats.append(O_hat)
+            squared += [squared_norm(O_hat).reshape(1), squared_norm(x.O).reshape(1)]
+        if not matrices:
+            return
+        squared = torch.cat(squared)                       # (2 * matrices,)
+        sharded = torch.tensor([x.rows is not None for x in matrices for _ in range(2)],
+                               device=squared.device)
+        total = torch.where(sharded, squared, torch.zeros_like(squared))
+        dist.all_reduce(total, group=self.process_group)  # sum of the sharded matrices' rows
+        squared = torch.where(sharded, total, squared)
+        payload = squared.numel() * squared.element_size()   # counted once each way
+        self.last_step_stats["bytes_sent"] += payload
+        self.last_step_stats["bytes_received"] += payload
+        for i, (x, O_hat) in enumerate(zip(matrices, O_hats)):
+            g = x.group
+            scale = update_scale(squared[2 * i], squared[2 * i + 1], x.m, x.n, g["adjust_lr"])
+            p = local(x.param)
+            p.mul_(1 - float(g["lr"]) * g["weight_decay"])
+            p.add_((O_hat * scale).view_as(p), alpha=-float(g["lr"]))
+

@@ -1,0 +1,252 @@
+"""Scenarios for tests/test_distributed.py, run on real process groups:
+
+    torchrun --nproc_per_node=W tests/distributed_worker.py SCENARIO OUT_DIR
+
+Each rank runs the scenario; rank 0 writes OUT_DIR/SCENARIO.json for the test to check.
+"""
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict,
+                                                     get_optimizer_state_dict,
+                                                     set_model_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.nn.parallel import DistributedDataParallel
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from distributed import DistributedNorMuon  # noqa: E402
+from normuon import NorMuon, param_groups  # noqa: E402
+
+
+class UnevenModel(nn.Module):
+    """Row counts that no world size divides, a 2-row matrix (empty shards at W >= 3), two
+    same-shape matrices, a conv kernel, an unused layer (no gradient), embeddings and biases."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(11, 6)
+        self.a = nn.Linear(6, 10)
+        self.b = nn.Linear(10, 7, bias=False)
+        self.c = nn.Linear(7, 13, bias=False)
+        self.d = nn.Linear(13, 13, bias=False)
+        self.e = nn.Linear(13, 13, bias=False)
+        self.conv = nn.Conv1d(13, 5, 3)
+        self.tiny = nn.Linear(5, 2, bias=False)
+        self.unused = nn.Linear(4, 3)
+
+    def forward(self, idx):                                   # idx: (B, T)
+        # a nonlinearity after every layer and more tokens than any width keep the gradients
+        # full-rank: the exact polar factor of a near-singular matrix is ill-conditioned
+        x = torch.tanh(self.a(self.embed(idx)))
+        for layer in (self.b, self.c, self.d, self.e):
+            x = torch.tanh(layer(x))
+        x = torch.tanh(self.conv(x.transpose(1, 2)).transpose(1, 2))   # (B, T - 2, 5)
+        return (self.tiny(x) - 0.5).square().mean()
+
+
+def batch(step):
+    return torch.randint(0, 11, (8, 20), generator=torch.Generator().manual_seed(100 + step))
+
+
+def new_model():
+    torch.manual_seed(0)
+    return UnevenModel()
+
+
+def make_groups(model):
+    return param_groups(model)
+
+
+def train(model, opt, steps, first_step=0, gradients="backward"):
+    """Step `steps` times. gradients="random": seeded full-rank gradients, the same on every
+    rank (sharded like the parameter), instead of a backward pass; "unused" gets none."""
+    for step in range(first_step, first_step + steps):
+        if gradients == "backward":
+            model(batch(step)).backward()
+        else:
+            generator = torch.Generator().manual_seed(1000 + step)
+            for name, p in model.named_parameters():
+                full = torch.randn(p.shape, generator=generator)
+                if "unused" not in name:
+                    p.grad = (distribute_tensor(full, p.device_mesh, p.placements)
+                              if isinstance(p, DTensor) else full)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def full_params(model):
+    return {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+            for name, p in model.named_parameters()}
+
+
+def relative_error(a, b, reference_start):
+    """Max over parameters of |a - b| / |b - start|: error relative to the change, so that a
+    small error in the update cannot hide under the parameters' own magnitude."""
+    worst = 0.0
+    for name in b:
+        change = (b[name] - reference_start[name]).abs().max().item()
+        error = (a[name] - b[name]).abs().max().item()
+        worst = max(worst, error / change if change > 0 else error)
+    return worst
+
+
+def sharded(model, mesh):
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+CONFIGS = [dict(algorithm=alg, adjust_lr=adj, orthogonalizer=orth)
+           for alg in ("normuon", "muon") for adj in ("match_rms_adamw", "original")
+           for orth in ("svd", "newton_schulz")]
+HYPER = dict(lr=0.02, weight_decay=0.1)
+
+
+def scenario_parity(world, rank, mesh):
+    """FSDP2 and DDP runs against the unsharded single-device optimizer. The exact "svd"
+    runs get random full-rank gradients: the narrow model's own gradients are nearly
+    singular, and there the exact polar factor turns 1e-7 differences in the averaged
+    gradients into 1e-3 differences, whatever the implementation."""
+    start = full_params(new_model())
+    results = []
+    for config in CONFIGS:
+        gradients = "random" if config["orthogonalizer"] == "svd" else "backward"
+        reference = new_model()
+        train(reference, NorMuon(make_groups(reference), **HYPER, **config), 5,
+              gradients=gradients)
+        expected = full_params(reference)
+
+        model = sharded(new_model(), mesh)
+        opt = DistributedNorMuon(make_groups(model), **HYPER, **config, compile=False)
+        train(model, opt, 5, gradients=gradients)
+        fsdp_error = relative_error(full_params(model), expected, start)
+        frozen_untouched = torch.equal(full_params(model)["unused.weight"],
+                                       start["unused.weight"])
+
+        replicated = DistributedDataParallel(new_model(), find_unused_parameters=True)
+        ddp_opt = DistributedNorMuon(make_groups(replicated.module), **HYPER, **config,
+                                     compile=False)
+        train(replicated, ddp_opt, 5, gradients=gradients)
+        ddp_error = relative_error(full_params(replicated.module), expected, start)
+        results.append(dict(config, fsdp_error=fsdp_error, ddp_error=ddp_error,
+                            frozen_untouched=frozen_untouched))
+    return results
+
+
+def gpt_shaped_model(layers=2, scale=8):
+    """The hidden matrices of GPT-2 124M's blocks, each dimension divided by `scale`."""
+    torch.manual_seed(0)
+    d = 768 // scale
+    shapes = [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d)] * layers
+    return nn.ParameterList(nn.Parameter(torch.randn(m, n) / n ** 0.5) for m, n in shapes)
+
+
+def scenario_communication(world, rank, mesh):
+    """Bytes each rank sent and received in one Newton-Schulz step, and the layout."""
+    model = sharded(gpt_shaped_model(), mesh)
+    opt = DistributedNorMuon(model.parameters(), **HYPER, compile=False)
+    train(model, opt, 1, gradients="random")
+    stats = [None] * world
+    dist.all_gather_object(stats, opt.last_step_stats)
+    matrices = [dict(shape=list(p.shape), owner=opt.owner[p]) for p in opt.owner]
+    return dict(stats=stats, matrices=matrices, flops=opt.ns_flops_per_rank())
+
+
+def scenario_checkpoint(world, rank, mesh, out_dir):
+    """DCP: complete at construction; save at step 3 and resume bit-exactly; and write the
+    step-3 checkpoint for scenario_reshard to load at another world size."""
+    config = dict(orthogonalizer="svd")
+    model = sharded(new_model(), mesh)
+    opt = DistributedNorMuon(make_groups(model), **HYPER, **config, compile=False)
+    empty_state = get_optimizer_state_dict(model, opt)["state"]
+    complete_at_construction = all("momentum_buffer" in empty_state.get(name, {})
+                                   for name in ("a.weight", "conv.weight", "tiny.weight"))
+    train(model, opt, 3, gradients="random")
+    checkpoint = out_dir / f"dcp_w{world}"
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+             checkpoint_id=checkpoint)
+    train(model, opt, 3, first_step=3, gradients="random")
+    straight = full_params(model)
+
+    resumed = sharded(new_model(), mesh)
+    resumed_opt = DistributedNorMuon(make_groups(resumed), **HYPER, **config, compile=False)
+    load_checkpoint(resumed, resumed_opt, checkpoint)
+    train(resumed, resumed_opt, 3, first_step=3, gradients="random")
+    after = full_params(resumed)
+    bit_exact = all(torch.equal(after[n], straight[n]) for n in straight)
+    second_moment_dtype = str(resumed_opt.state[resumed.a.weight]["second_moment"].dtype)
+    return dict(complete_at_construction=complete_at_construction, bit_exact=bit_exact,
+                second_moment_dtype=second_moment_dtype)
+
+
+def load_checkpoint(model, opt, checkpoint):
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(state, checkpoint_id=checkpoint)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, opt, state["optim"])
+
+
+def scenario_reshard(world, rank, mesh, out_dir):
+    """Load the 2-rank step-3 checkpoint at this world size, take 3 steps, compare with 6
+    single-device steps."""
+    config = dict(orthogonalizer="svd")
+    model = sharded(new_model(), mesh)
+    opt = DistributedNorMuon(make_groups(model), **HYPER, **config, compile=False)
+    load_checkpoint(model, opt, out_dir / "dcp_w2")
+    train(model, opt, 3, first_step=3, gradients="random")
+    reference = new_model()
+    start = full_params(reference)
+    train(reference, NorMuon(make_groups(reference), **HYPER, **config), 6, gradients="random")
+    return dict(error=relative_error(full_params(model), full_params(reference), start))
+
+
+def scenario_compile(world, rank, mesh):
+    """Compiled against eager (Newton-Schulz), and an lr change that must not recompile.
+    Inductor fuses the bf16 iteration and rounds in other places than eager, so the two agree
+    to bf16 precision, on full-rank gradients (near-singular ones amplify any rounding)."""
+    import torch._dynamo
+    eager = sharded(new_model(), mesh)
+    eager_opt = DistributedNorMuon(make_groups(eager), **HYPER, compile=False)
+    compiled = sharded(new_model(), mesh)
+    compiled_opt = DistributedNorMuon(make_groups(compiled), **HYPER, compile=True)
+    start = full_params(new_model())
+    train(eager, eager_opt, 2, gradients="random")
+    train(compiled, compiled_opt, 2, gradients="random")
+    torch._dynamo.config.error_on_recompile = True
+    recompiled = False
+    for opt in (eager_opt, compiled_opt):
+        for group in opt.param_groups:
+            group["lr"] *= 0.5
+    try:
+        train(eager, eager_opt, 2, first_step=2, gradients="random")
+        train(compiled, compiled_opt, 2, first_step=2, gradients="random")
+    except Exception as error:   # dynamo raises on a recompilation
+        recompiled = repr(error)[:500]
+    error = relative_error(full_params(compiled), full_params(eager), start)
+    return dict(error=error, recompiled=recompiled)
+
+
+def main():
+    scenario, out_dir = sys.argv[1], Path(sys.argv[2])
+    dist.init_process_group("gloo")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    mesh = init_device_mesh("cpu", (world,))
+    function = globals()[f"scenario_{scenario}"]
+    needs_dir = "out_dir" in function.__code__.co_varnames[:function.__code__.co_argcount]
+    result = function(world, rank, mesh, out_dir) if needs_dir else function(world, rank, mesh)
+    if rank == 0:
+        (out_dir / f"{scenario}_w{world}.json").write_text(json.dumps(result, indent=1))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
