@@ -2,7 +2,7 @@
 
     pip install -r requirements.txt
     python train_gpt.py                                     # CPU: tiny byte-level GPT, minutes
-    torchrun --standalone --nproc_per_node=2 train_gpt.py   # the same on 2 processes (gloo)
+    torchrun --standalone --nproc_per_node=2 train_gpt.py   # 2 processes: FSDP2 + distributed.py
     torchrun --standalone --nproc_per_node=8 train_gpt.py --preset gpt2 --data-dir fineweb10B
 
 With no --data-dir the training text is this Python installation's own standard library,
@@ -10,6 +10,8 @@ split by file into train and val and cached once as token shards (byte-level, vo
 --data-dir reads shards of the speedrun format (a 256 x int32 header: magic 20240520,
 version 1, token count; then uint16 tokens), e.g. the FineWeb10B GPT-2 caches, unchanged.
 Each evaluation and a final summary go to <out-dir>/log.jsonl as one JSON line each.
+With several ranks the model is sharded with FSDP2 and stepped by distributed.py's
+DistributedNorMuon (--parallel ddp: replicated model, single-device optimizer, for comparison).
 
 Sections: configuration, model, data, optimizer, evaluation, checkpoints, training loop.
 """
@@ -33,9 +35,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict,
+                                                     set_model_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from distributed import DistributedNorMuon
 from normuon import NorMuon, param_groups
 
 # ----------------------------------------------------------------------------- configuration
@@ -85,6 +94,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--out-dir", type=Path, default=Path("out"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    parser.add_argument("--parallel", choices=("fsdp", "ddp"), default="fsdp",
+                        help="with several ranks: FSDP2 + DistributedNorMuon, or DDP + NorMuon")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction,
                         help="torch.compile the model (default: on for CUDA, off for CPU)")
     parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps")
@@ -338,11 +349,25 @@ def prepare_data(cfg: Config, data_dir: Path | None, rank: int,
 
 # ----------------------------------------------------------------------------- optimizer
 
-def build_optimizer(model: GPT, cfg: Config, algorithm: str) -> NorMuon:
-    """Hidden matrices: `algorithm` at lr; embeddings and head: AdamW at adam_lr, no decay."""
+def build_optimizer(model: GPT, cfg: Config, algorithm: str, sharded: bool = False,
+                    compile: bool = False) -> NorMuon:
+    """Hidden matrices: `algorithm` at lr; embeddings and head: AdamW at adam_lr, no decay.
+    A model sharded by FSDP2 gets the distributed optimizer."""
     groups = param_groups(model, head=model.lm_head, algorithm=algorithm, lr=cfg.adam_lr,
                           weight_decay=0.0)
+    if sharded:
+        return DistributedNorMuon(groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  compile=compile)
     return NorMuon(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def gradient_sync(model: nn.Module, enabled: bool):
+    """Skip the gradient all-reduce / reduce-scatter on all but the last accumulation step."""
+    if isinstance(model, DistributedDataParallel) and not enabled:
+        return model.no_sync()
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)
+    return contextlib.nullcontext()
 
 
 def lr_factor(step: int, cfg: Config) -> float:
@@ -380,12 +405,28 @@ def evaluate(model: nn.Module, cfg: Config, val_files: list[Path], rank: int, wo
 
 # ----------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(path: Path, state: dict) -> None:
-    """Write to a temporary file, then rename: a crash never leaves half a checkpoint."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
-    torch.save(state, temporary)
-    os.replace(temporary, path)
+# whole (unsharded) tensors on CPU, so one file serves any world size and parallelism
+FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def save_checkpoint(path: Path, model: nn.Module, optimizer, extra: dict, rank: int) -> None:
+    """Every rank takes part in gathering the state; rank 0 writes it to a temporary file,
+    then renames it: a crash never leaves half a checkpoint."""
+    state = {"model": get_model_state_dict(model, options=FULL_STATE),
+             "optimizer": get_optimizer_state_dict(model, optimizer, options=FULL_STATE),
+             **extra}
+    if rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(path.name + ".tmp")
+        torch.save(state, temporary)
+        os.replace(temporary, path)
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer) -> dict:
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    set_model_state_dict(model, checkpoint["model"], options=FULL_STATE)
+    set_optimizer_state_dict(model, optimizer, checkpoint["optimizer"], options=FULL_STATE)
+    return checkpoint
 
 
 def find_checkpoint(path: Path) -> Path:
@@ -429,20 +470,22 @@ def main(argv=None) -> dict:
 
     torch.manual_seed(args.seed)
     raw_model = GPT(cfg).to(device)
-    optimizer = build_optimizer(raw_model, cfg, args.optimizer)
+    sharded = world > 1 and args.parallel == "fsdp"
+    if sharded:   # every block, then the rest (embeddings, head): rows split over ranks
+        mesh = init_device_mesh(device.type, (world,))
+        for block in raw_model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(raw_model, mesh=mesh)
+    wrapped = DistributedDataParallel(raw_model) if world > 1 and not sharded else raw_model
+    optimizer = build_optimizer(raw_model, cfg, args.optimizer, sharded, use_compile)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
-    ddp_model = DistributedDataParallel(raw_model) if world > 1 else None
-    model = ddp_model or raw_model
-    if use_compile:
-        model = torch.compile(model)
+    model = torch.compile(wrapped) if use_compile else wrapped
     stream = TokenStream(train_files, cfg.micro_batch, cfg.seq_len, rank, world)
 
     step, train_time, reached, resumed_at = 0, 0.0, None, None
     if args.resume:
         path = find_checkpoint(args.resume)
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        raw_model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        checkpoint = load_checkpoint(path, raw_model, optimizer)
         stream.load_state(checkpoint["stream"])
         torch.set_rng_state(checkpoint["rng_cpu"])
         step, train_time, reached = checkpoint["step"], checkpoint["train_time"], checkpoint["reached"]
@@ -450,7 +493,8 @@ def main(argv=None) -> dict:
         print0(f"resumed from {path} at step {step}")
 
     n_params = sum(p.numel() for p in raw_model.parameters())
-    print0(f"{n_params / 1e6:.2f}M parameters, {world} rank(s) on {device}, "
+    parallel = f"{world} ranks ({args.parallel})" if world > 1 else "1 rank"
+    print0(f"{n_params / 1e6:.2f}M parameters, {parallel} on {device}, "
            f"{cfg.tokens_per_step} tokens/step ({accumulation} accumulation step(s)), "
            f"optimizer {args.optimizer}, compile {use_compile}")
     args.out_dir.mkdir(parents=True, exist_ok=True)
@@ -485,9 +529,7 @@ def main(argv=None) -> dict:
         start = time.perf_counter()
         for micro in range(accumulation):
             x, y = stream.next_batch(device)
-            last = micro == accumulation - 1
-            sync = ddp_model.no_sync() if ddp_model and not last else contextlib.nullcontext()
-            with sync, autocast:
+            with gradient_sync(wrapped, micro == accumulation - 1), autocast:
                 loss = model(x, y) / accumulation
             loss.backward()
         for group, base_lr in zip(optimizer.param_groups, base_lrs):
@@ -509,12 +551,10 @@ def main(argv=None) -> dict:
         # -- checkpoints
         stopping_early = step == stop_at and stop_at < cfg.max_steps
         if (args.save_every and step % args.save_every == 0) or stopping_early:
-            if rank == 0:
-                save_checkpoint(args.out_dir / f"checkpoint_{step:06d}.pt", {
-                    "step": step, "model": raw_model.state_dict(),
-                    "optimizer": optimizer.state_dict(), "stream": stream.state(),
-                    "rng_cpu": torch.get_rng_state(), "train_time": train_time,
-                    "reached": reached, "config": dataclasses.asdict(cfg)})
+            save_checkpoint(args.out_dir / f"checkpoint_{step:06d}.pt", raw_model, optimizer, {
+                "step": step, "stream": stream.state(), "rng_cpu": torch.get_rng_state(),
+                "train_time": train_time, "reached": reached,
+                "config": dataclasses.asdict(cfg)}, rank)
             if dist.is_initialized():
                 dist.barrier()
     bar.close()
@@ -530,11 +570,13 @@ def main(argv=None) -> dict:
                "target_reached_step": reached and reached["step"],
                "target_reached_time_s": reached and reached["train_time_s"],
                "peak_memory_mib": peak_mib, "optimizer": args.optimizer, "world_size": world,
+               "parallel": args.parallel if world > 1 else None,
                "device": str(device), "config": dataclasses.asdict(cfg)}
     log_line(summary)
     print0(f"done: {step} steps, val loss {val_loss:.4f}, {summary['tokens_per_s']:.0f} tokens/s, "
            f"target {cfg.target_val_loss} reached at step {summary['target_reached_step']}")
     if dist.is_initialized():
+        dist.barrier()   # no rank tears the group down while another still uses it
         dist.destroy_process_group()
     return summary
 

@@ -125,20 +125,30 @@ def test_python_run_learns_and_writes_its_summary(tmp_path, corpus):
     assert "val loss" in result.stderr + result.stdout
 
 
-def test_torchrun_two_ranks_match_one_rank(tmp_path, corpus):
+@pytest.fixture(scope="module")
+def one_rank_run(tmp_path_factory, corpus):
+    out = tmp_path_factory.mktemp("one_rank")
+    result = run_cli([*SMALL, "--data-dir", str(corpus), "--out-dir", str(out),
+                      "--max-steps", "30", "--val-every", "10"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("parallel", ["fsdp", "ddp"])
+def test_torchrun_two_ranks_match_one_rank(tmp_path, corpus, one_rank_run, parallel):
     # 1024 tokens per step: one rank reads two micro-batches of 512, two ranks one each, the
-    # same tokens, so DDP's averaged gradient equals the single rank's accumulated one.
-    common = [*SMALL, "--data-dir", str(corpus), "--max-steps", "30", "--val-every", "10"]
-    single = run_cli([*common, "--out-dir", str(tmp_path / "one")])
-    assert single.returncode == 0, single.stderr[-3000:]
+    # same tokens, so the averaged gradient equals the single rank's accumulated one; and
+    # DistributedNorMuon (fsdp) steps like NorMuon.
     launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone",
                 "--nproc_per_node=2")
-    double = run_cli([*common, "--out-dir", str(tmp_path / "two")], launcher=launcher)
+    double = run_cli([*SMALL, "--data-dir", str(corpus), "--max-steps", "30",
+                      "--val-every", "10", "--out-dir", str(tmp_path), "--parallel", parallel],
+                     launcher=launcher)
     assert double.returncode == 0, double.stderr[-3000:]
 
-    one_evals, _ = read_log(tmp_path / "one")
-    two_evals, two_summary = read_log(tmp_path / "two")
-    assert two_summary["world_size"] == 2
+    one_evals, _ = read_log(one_rank_run)
+    two_evals, two_summary = read_log(tmp_path)
+    assert two_summary["world_size"] == 2 and two_summary["parallel"] == parallel
     assert two_evals[-1]["val_loss"] < two_evals[0]["val_loss"] - 1.0
     for a, b in zip(one_evals, two_evals, strict=True):
         assert a["step"] == b["step"]
@@ -178,3 +188,19 @@ def test_optimizer_choice_sets_the_hidden_matrices_algorithm():
         assert hidden["algorithm"] == choice and other["algorithm"] == "adamw"
         assert {n.split(".")[0] for n in other["param_names"]} == {"embed", "lm_head"}
         assert all(n.startswith("blocks.") for n in hidden["param_names"])
+
+
+def test_torchrun_fsdp_resume_continues_bit_exactly(tmp_path, corpus):
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node=2")
+    common = [*SMALL, "--data-dir", str(corpus), "--max-steps", "16", "--val-every", "4"]
+    runs = [[*common, "--out-dir", str(tmp_path / "straight")],
+            [*common, "--out-dir", str(tmp_path / "split"), "--stop-at-step", "8"],
+            [*common, "--out-dir", str(tmp_path / "split"), "--resume", str(tmp_path / "split")]]
+    for args in runs:
+        result = run_cli(args, launcher=launcher)
+        assert result.returncode == 0, result.stderr[-3000:]
+    straight, _ = read_log(tmp_path / "straight")
+    split, _ = read_log(tmp_path / "split")
+    assert [(e["step"], e["val_loss"], e["train_loss"]) for e in straight] == \
+           [(e["step"], e["val_loss"], e["train_loss"]) for e in split]
