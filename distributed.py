@@ -301,9 +301,10 @@ class DistributedNorMuon(NorMuon):
         total = torch.where(sharded, squared, torch.zeros_like(squared))
         dist.all_reduce(total, group=self.process_group)  # sum of the sharded matrices' rows
         squared = torch.where(sharded, total, squared)
-        payload = squared.numel() * squared.element_size()   # counted once each way
-        self.last_step_stats["bytes_sent"] += payload
-        self.last_step_stats["bytes_received"] += payload
+        if self.world > 1:   # the all-reduce's payload, counted once each way
+            payload = squared.numel() * squared.element_size()
+            self.last_step_stats["bytes_sent"] += payload
+            self.last_step_stats["bytes_received"] += payload
         for i, (x, O_hat) in enumerate(zip(matrices, O_hats)):
             g = x.group
             scale = update_scale(squared[2 * i], squared[2 * i + 1], x.m, x.n, g["adjust_lr"])
