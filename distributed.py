@@ -100,7 +100,9 @@ class DistributedNorMuon(NorMuon):
     def __init__(self, params, lr: float = 1e-3, weight_decay: float = 0.1, *,
                  process_group=None, compile: bool | None = None, **kwargs):
         super().__init__(params, lr, weight_decay, **kwargs)
-        self.process_group = process_group or dist.group.WORLD
+        # None stands for the default group: holding the default group object itself would keep
+        # it alive past destroy_process_group(), to be torn down at interpreter exit (gloo aborts)
+        self.process_group = process_group
         self.rank = dist.get_rank(self.process_group)
         self.world = dist.get_world_size(self.process_group)
         self.compile = torch.cuda.is_available() if compile is None else compile

@@ -75,14 +75,17 @@ def _odd_polynomial_iteration(U: Tensor, coefficients, input_scale: float) -> Te
     U is rounded to bf16 first, so a bf16 copy of U (what a sharded optimizer sends to the
     matrix's owner) gives exactly the same result as U itself."""
     X = U.bfloat16()
-    X = X / (input_scale * X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     transposed = X.size(-2) > X.size(-1)
-    if transposed:  # work on the small Gram matrix: rows <= cols
-        X = X.mT
+    if transposed:  # work on the small Gram matrix (rows <= cols), laid out contiguously:
+        X = X.mT.contiguous()   # strided views make every matmul copy its input
+    X = X / (input_scale * X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    batch_shape, X = X.shape[:-2], X.reshape(-1, *X.shape[-2:])   # (B, r, c), r = min(m, n)
     for a, b, c in coefficients:
-        A = X @ X.mT                                   # (..., r, r), r = min(m, n)
-        X = a * X + (b * A + c * (A @ A)) @ X
-    return (X.mT if transposed else X).to(U.dtype)
+        A = X @ X.mT                                   # (B, r, r)
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)    # b*A + c*A@A, fused into the matmul
+        X = torch.baddbmm(X, B, X, beta=a)             # a*X + B@X
+    X = X.reshape(*batch_shape, *X.shape[-2:])
+    return (X.mT if transposed else X).to(U.dtype, memory_format=torch.contiguous_format)
 
 
 def newton_schulz(U: Tensor, steps: int = 5) -> Tensor:
@@ -138,13 +141,14 @@ def normalize_neurons(O: Tensor, second_moment: Tensor, beta2: float, eps: float
 
     second_moment v (..., m), one value per neuron, is updated in place (no bias correction).
     """
-    second_moment.lerp_(O.square().mean(dim=-1), 1 - beta2)
+    row_mean_square = torch.linalg.vector_norm(O, dim=-1).square() / O.size(-1)  # fused, fast
+    second_moment.lerp_(row_mean_square, 1 - beta2)
     return O / (second_moment.sqrt() + eps).unsqueeze(-1)
 
 
 def squared_norm(X: Tensor) -> Tensor:
     """|X|_F^2 of each matrix of X (..., m, n), shaped (..., 1, 1) to broadcast back."""
-    return X.square().sum(dim=(-2, -1), keepdim=True)
+    return torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True).square()
 
 
 def update_scale(O_hat_sq_norm: Tensor, O_sq_norm: Tensor | None, m: int, n: int,

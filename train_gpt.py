@@ -19,6 +19,7 @@ import argparse
 import array
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -443,6 +444,7 @@ def find_checkpoint(path: Path) -> Path:
 # ----------------------------------------------------------------------------- training loop
 
 def main(argv=None) -> dict:
+    """Set up the process group (under torchrun), train, tear the group down."""
     args = parse_args(argv)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -454,6 +456,18 @@ def main(argv=None) -> dict:
         torch.cuda.set_device(device)
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        return train(args, rank, world, device)
+    finally:
+        if dist.is_initialized():
+            # the sharded model and optimizer hold the group through the device mesh: free
+            # them first, or the group is torn down at interpreter exit, where gloo can abort
+            gc.collect()
+            dist.barrier()
+            dist.destroy_process_group()
+
+
+def train(args, rank: int, world: int, device: torch.device) -> dict:
     print0 = lambda *a: tqdm.write(" ".join(map(str, a))) if rank == 0 else None  # noqa: E731
 
     cfg = resolve_config(args, device)
@@ -575,9 +589,6 @@ def main(argv=None) -> dict:
     log_line(summary)
     print0(f"done: {step} steps, val loss {val_loss:.4f}, {summary['tokens_per_s']:.0f} tokens/s, "
            f"target {cfg.target_val_loss} reached at step {summary['target_reached_step']}")
-    if dist.is_initialized():
-        dist.barrier()   # no rank tears the group down while another still uses it
-        dist.destroy_process_group()
     return summary
 
 

@@ -48,10 +48,8 @@ def median_step_seconds(opt, params, repeats: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def worker(args) -> None:
-    """One rank of a torchrun launch: time the sharded step (and, on rank 0 of W = 1, the
-    single-device optimizer), then write rank 0's figures to args.out."""
-    import torch.distributed as dist
+def measure(args, world: int) -> dict:
+    """This rank's part: time the sharded step (and, at W = 1, the single-device one)."""
     from torch import nn
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -59,8 +57,6 @@ def worker(args) -> None:
     from distributed import DistributedNorMuon
     from normuon import NorMuon
 
-    dist.init_process_group("gloo")
-    world, rank = dist.get_world_size(), dist.get_rank()
     torch.manual_seed(0)
     shapes = gpt2_shapes(args.layers, args.scale)
     model = nn.ParameterList(nn.Parameter(torch.randn(m, n) / n ** 0.5) for m, n in shapes)
@@ -68,15 +64,28 @@ def worker(args) -> None:
     opt = DistributedNorMuon(model.parameters(), compile=args.compile)
     seconds = median_step_seconds(opt, list(model.parameters()), args.repeats, args.warmup)
     stats = [None] * world
-    dist.all_gather_object(stats, opt.last_step_stats)
+    torch.distributed.all_gather_object(stats, opt.last_step_stats)
     result = {"world": world, "seconds": seconds, "stats": stats,
               "flops": opt.ns_flops_per_rank()}
     if world == 1:
         plain = [nn.Parameter(torch.randn(m, n)) for m, n in shapes]
         result["single_device_seconds"] = median_step_seconds(
             NorMuon(plain), plain, args.repeats, args.warmup)
-    if rank == 0:
+    return result
+
+
+def worker(args) -> None:
+    """One rank of a torchrun launch; rank 0 writes the figures to args.out."""
+    import gc
+
+    import torch.distributed as dist
+    dist.init_process_group("gloo")
+    result = measure(args, dist.get_world_size())
+    if dist.get_rank() == 0:
         Path(args.out).write_text(json.dumps(result))
+    # free the sharded model (and with it the device mesh's hold on the process group) now:
+    # a gloo group torn down at interpreter exit can abort the process
+    gc.collect()
     dist.barrier()
     dist.destroy_process_group()
 

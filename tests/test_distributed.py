@@ -32,10 +32,13 @@ def test_parity_with_single_device_optimizer(world, tmp_path):
         label = f"W={world} {run['algorithm']} {run['adjust_lr']} {run['orthogonalizer']}"
         # svd: the exact factor, fp32 on the wire. newton_schulz: bf16 on the wire, and the
         # owner rounds U to bf16 exactly as the single-device optimizer does, so only the
-        # summation order of norms and gradients differs.
+        # summation order of norms and gradients differs. Both on well-conditioned gradients;
+        # the worker's docstring says why the model's own are checked to bf16 tolerance.
         assert run["fsdp_error"] < 1e-5, label
         assert run["ddp_error"] < 1e-5, label
         assert run["frozen_untouched"], label
+        if run["backward_error"] is not None:   # real backward passes through FSDP2
+            assert run["backward_error"] < 1e-2, label
 
 
 def test_bytes_communicated_match_two_plus_two_bytes_per_element(tmp_path):
