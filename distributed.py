@@ -42,9 +42,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Shard
 
-from normuon import (NorMuon, adamw_update, as_matrix_shape, nesterov_direction,
-                     normalize_neurons, orthogonalize, params_with_grad, squared_norm,
-                     update_scale)
+from normuon import (NorMuon, as_matrix_shape, nesterov_direction, normalize_neurons,
+                     orthogonalize, squared_norm, update_scale)
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -145,29 +144,15 @@ class DistributedNorMuon(NorMuon):
                                                                 group["ns_steps"])
         return flops
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+    def _matrix_steps(self, matrix_groups: list[tuple[dict, list[Tensor]]]) -> None:
+        """Every group's matrices together: one all-to-all per shape, one all-reduce.
+        (AdamW parameters take normuon.py's path: its elementwise ops act on each rank's
+        rows of a DTensor.)"""
         self.last_step_stats = {"bytes_sent": 0, "bytes_received": 0}
-        matrices = []
-        for index, group in enumerate(self.param_groups):
-            for p in params_with_grad(group, index):
-                state = (self.adamw_state if group["algorithm"] == "adamw" else
-                         self.matrix_state)(p)
-                if group["algorithm"] == "adamw":
-                    state["step"] += 1
-                    adamw_update(local(p), local(p.grad), local(state["exp_avg"]),
-                                 local(state["exp_avg_sq"]), state["step"],
-                                 lr=float(group["lr"]), betas=group["betas"],
-                                 eps=group["eps"], weight_decay=group["weight_decay"])
-                else:
-                    matrices.append(self._momentum(p, group, state))
+        matrices = [self._momentum(p, group, self.matrix_state(p))
+                    for group, params in matrix_groups for p in params]
         self._orthogonalize_by_owner(matrices)
         self._normalize_and_apply(matrices)
-        return loss
 
     def _momentum(self, p: Tensor, group: dict, state: dict) -> Matrix:
         m, n = as_matrix_shape(p.shape)                   # the global shape

@@ -257,12 +257,14 @@ class NorMuon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        matrix_groups = []
         for index, group in enumerate(self.param_groups):
             params = params_with_grad(group, index)
             if group["algorithm"] == "adamw":
                 self._adamw_step(group, params)
             else:
-                self._matrix_step(group, params)
+                matrix_groups.append((group, params))
+        self._matrix_steps(matrix_groups)
         return loss
 
     def _adamw_step(self, group: dict, params: list[Tensor]) -> None:
@@ -272,6 +274,10 @@ class NorMuon(torch.optim.Optimizer):
             adamw_update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
                          lr=float(group["lr"]), betas=group["betas"], eps=group["eps"],
                          weight_decay=group["weight_decay"])
+
+    def _matrix_steps(self, matrix_groups: list[tuple[dict, list[Tensor]]]) -> None:
+        for group, params in matrix_groups:
+            self._matrix_step(group, params)
 
     def _matrix_step(self, group: dict, params: list[Tensor]) -> None:
         lr, weight_decay = float(group["lr"]), group["weight_decay"]
