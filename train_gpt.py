@@ -71,10 +71,11 @@ class Config:
 
 
 PRESETS = {
-    # byte-level; on 2 CPU cores a few minutes
+    # byte-level; on 2 CPU cores a few minutes. lr: the best NorMuon lr of the sweep in
+    # bench/RESULTS.md (Muon's was 4e-3, AdamW's 2e-3: pass --lr with --optimizer)
     "tiny": Config(vocab_size=256, n_layer=4, n_head=4, dim=128, seq_len=256,
                    tokens_per_step=8192, micro_batch=16, max_steps=600, val_every=100,
-                   val_tokens=131072, lr=6e-3, adam_lr=1e-2, weight_decay=0.1,
+                   val_tokens=131072, lr=8e-3, adam_lr=1e-2, weight_decay=0.1,
                    cooldown_frac=0.4, target_val_loss=1.6),
     # the 124M speedrun model: GPT-2 vocabulary padded to a multiple of 128, ~0.5M tokens/step
     "gpt2": Config(vocab_size=50304, n_layer=12, n_head=12, dim=768, seq_len=1024,
@@ -496,14 +497,14 @@ def train(args, rank: int, world: int, device: torch.device) -> dict:
     model = torch.compile(wrapped) if use_compile else wrapped
     stream = TokenStream(train_files, cfg.micro_batch, cfg.seq_len, rank, world)
 
-    step, train_time, reached, resumed_at = 0, 0.0, None, None
+    step, train_time, counted_steps, reached, resumed_at = 0, 0.0, 0, None, None
     if args.resume:
         path = find_checkpoint(args.resume)
         checkpoint = load_checkpoint(path, raw_model, optimizer)
         stream.load_state(checkpoint["stream"])
         torch.set_rng_state(checkpoint["rng_cpu"])
         step, train_time, reached = checkpoint["step"], checkpoint["train_time"], checkpoint["reached"]
-        resumed_at = step
+        counted_steps, resumed_at = checkpoint["counted_steps"], step
         print0(f"resumed from {path} at step {step}")
 
     n_params = sum(p.numel() for p in raw_model.parameters())
@@ -522,12 +523,12 @@ def train(args, rank: int, world: int, device: torch.device) -> dict:
     stop_at = min(args.stop_at_step or cfg.max_steps, cfg.max_steps)
     bar = tqdm(total=cfg.max_steps, initial=step, disable=rank != 0, dynamic_ncols=True,
                mininterval=1.0)
-    counted_steps, train_loss, val_loss = 0, None, None
+    train_loss, val_loss = None, None
     warmed_up = not use_compile
     while True:
         # -- evaluation (not on the clock)
         due = step % cfg.val_every == 0 or step == stop_at
-        if due and step != resumed_at:   # a resumed run's first step was evaluated before
+        if due and (step != resumed_at or step == stop_at):   # resumed: evaluated before
             val_loss = evaluate(model, cfg, val_files, rank, world, device, autocast)
             if reached is None and val_loss <= cfg.target_val_loss:
                 reached = {"step": step, "train_time_s": train_time}
@@ -567,7 +568,7 @@ def train(args, rank: int, world: int, device: torch.device) -> dict:
         if (args.save_every and step % args.save_every == 0) or stopping_early:
             save_checkpoint(args.out_dir / f"checkpoint_{step:06d}.pt", raw_model, optimizer, {
                 "step": step, "stream": stream.state(), "rng_cpu": torch.get_rng_state(),
-                "train_time": train_time, "reached": reached,
+                "train_time": train_time, "counted_steps": counted_steps, "reached": reached,
                 "config": dataclasses.asdict(cfg)}, rank)
             if dist.is_initialized():
                 dist.barrier()
@@ -587,6 +588,8 @@ def train(args, rank: int, world: int, device: torch.device) -> dict:
                "parallel": args.parallel if world > 1 else None,
                "device": str(device), "config": dataclasses.asdict(cfg)}
     log_line(summary)
+    if log:
+        log.close()
     print0(f"done: {step} steps, val loss {val_loss:.4f}, {summary['tokens_per_s']:.0f} tokens/s, "
            f"target {cfg.target_val_loss} reached at step {summary['target_reached_step']}")
     return summary
