@@ -24,11 +24,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from distributed import assign_owners, newton_schulz_flops  # noqa: E402
-
-
-def gpt2_shapes(layers: int, scale: int) -> list[tuple[int, int]]:
-    d = 768 // scale
-    return [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d)] * layers
+from optimizer_step import gpt2_shapes  # noqa: E402
 
 
 def median_step_seconds(opt, params, repeats: int, warmup: int) -> float:
