@@ -190,7 +190,7 @@ def test_optimizer_choice_sets_the_hidden_matrices_algorithm():
         assert all(n.startswith("blocks.") for n in hidden["param_names"])
 
 
-def test_torchrun_fsdp_resume_continues_bit_exactly(tmp_path, corpus):
+def test_torchrun_fsdp_resume_continues_bit_exactly_and_on_one_rank(tmp_path, corpus):
     launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone",
                 "--nproc_per_node=2")
     common = [*SMALL, "--data-dir", str(corpus), "--max-steps", "16", "--val-every", "4"]
@@ -204,3 +204,14 @@ def test_torchrun_fsdp_resume_continues_bit_exactly(tmp_path, corpus):
     split, _ = read_log(tmp_path / "split")
     assert [(e["step"], e["val_loss"], e["train_loss"]) for e in straight] == \
            [(e["step"], e["val_loss"], e["train_loss"]) for e in split]
+
+    # the checkpoint holds whole tensors: one process can carry on what two ranks began
+    single = run_cli([*common, "--out-dir", str(tmp_path / "single"),
+                      "--resume", str(tmp_path / "split" / "checkpoint_000008.pt")])
+    assert single.returncode == 0, single.stderr[-3000:]
+    continued, summary = read_log(tmp_path / "single")
+    assert summary["finished"] and summary["world_size"] == 1
+    expected = {e["step"]: e["val_loss"] for e in straight}
+    assert [e["step"] for e in continued] == [12, 16]
+    for e in continued:
+        assert e["val_loss"] == pytest.approx(expected[e["step"]], rel=1e-4)
