@@ -238,7 +238,7 @@ class DistributedNorMuon(NorMuon):
         mine = [x for x in bucket if x.owner == self.rank]
         O_wire = O.to(wire) if O is not None else bucket[0].U.new_empty(0, dtype=wire)
         if bucket[0].rows is None:
-            return self._start_share(bucket, mine, O_wire, dtype)
+            return self._start_share(bucket, O_wire, dtype)
         starts = [0, *itertools.accumulate(bucket[0].rows)]
         send = [[O_wire[j, starts[r]:starts[r + 1]] for j in range(len(mine))]
                 for r in range(self.world)]
@@ -253,15 +253,14 @@ class DistributedNorMuon(NorMuon):
                     x.O = rows.view(-1, x.n).to(dtype)
         return work, finish
 
-    def _start_share(self, bucket, mine, O_wire, dtype):
+    def _start_share(self, bucket: list[Matrix], O_wire: Tensor, dtype: torch.dtype):
         """Replicated matrices: all-gather every owner's results (padded to equal length)."""
         per_rank = [sum(x.m * x.n for x in bucket if x.owner == r) for r in range(self.world)]
         longest = max(per_rank)
         send = torch.cat([O_wire.reshape(-1), O_wire.new_zeros(longest - O_wire.numel())])
         received = send.new_empty(self.world * longest)
         self._count([longest] * self.world, [longest] * self.world, send.element_size())
-        work = dist.all_gather_single(received, send, group=self.process_group,
-                                           async_op=True)
+        work = dist.all_gather_single(received, send, group=self.process_group, async_op=True)
 
         def finish() -> None:
             for r, piece in enumerate(received.split(longest)):
@@ -279,7 +278,11 @@ class DistributedNorMuon(NorMuon):
             O_hat = (self._normalize(x.O, local(x.state["second_moment"]), g["beta2"], g["eps"])
                      if g["algorithm"] == "normuon" else x.O)
             O_hats.append(O_hat)
-            squared += [squared_norm(O_hat).reshape(1), squared_norm(x.O).reshape(1)]
+            O_hat_sq = squared_norm(O_hat).reshape(1)
+            # |O|^2 only where "original" needs it; a placeholder keeps two slots per matrix
+            O_sq = (squared_norm(x.O).reshape(1) if g["adjust_lr"] == "original"
+                    else torch.zeros_like(O_hat_sq))
+            squared += [O_hat_sq, O_sq]
         if not matrices:
             return
         squared = torch.cat(squared)                       # (2 * matrices,)

@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import gc
 import json
-import math
 import os
 import random
 import resource
@@ -306,7 +305,9 @@ class TokenStream:
         return {"shard_index": self.shard_index, "position": self.position}
 
     def load_state(self, state: dict) -> None:
-        self.shard_index, self.position, self.tokens = state["shard_index"], state["position"], None
+        if state["shard_index"] != self.shard_index:   # keep a shard already read
+            self.tokens = None
+        self.shard_index, self.position = state["shard_index"], state["position"]
 
     def next_batch(self, device: torch.device) -> tuple[Tensor, Tensor]:
         span = self.world * self.B * self.T
@@ -383,16 +384,22 @@ def lr_factor(step: int, cfg: Config) -> float:
 # ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def evaluate(model: nn.Module, cfg: Config, val_files: list[Path], rank: int, world: int,
-             device: torch.device, autocast) -> float:
-    """Mean loss over the first val_tokens of the val shards (all ranks together)."""
-    stream = TokenStream(val_files, cfg.micro_batch, cfg.seq_len, rank, world)
+def evaluation_steps(cfg: Config, val_files: list[Path], world: int) -> int:
+    """Forward passes per evaluation: the first val_tokens of the val shards, all ranks."""
     available = sum(read_shard_header(p) for p in val_files)
     span = world * cfg.micro_batch * cfg.seq_len
     steps = min(cfg.val_tokens, available - 1) // span
     if steps == 0:
         raise ValueError(f"the val shards hold {available} tokens, fewer than one "
                          f"evaluation batch of {span}; lower --micro-batch or --seq-len")
+    return steps
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, stream: TokenStream, steps: int, world: int,
+             device: torch.device, autocast) -> float:
+    """Mean loss over the same first `steps` batches of the val stream every time."""
+    stream.load_state({"shard_index": 0, "position": 0})
     model.eval()
     total = torch.zeros((), device=device)
     for _ in range(steps):
@@ -482,6 +489,8 @@ def train(args, rank: int, world: int, device: torch.device) -> dict:
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
     train_files, val_files = prepare_data(cfg, args.data_dir, rank, world)
+    val_steps = evaluation_steps(cfg, val_files, world)
+    val_stream = TokenStream(val_files, cfg.micro_batch, cfg.seq_len, rank, world)
 
     torch.manual_seed(args.seed)
     raw_model = GPT(cfg).to(device)
@@ -529,7 +538,7 @@ def train(args, rank: int, world: int, device: torch.device) -> dict:
         # -- evaluation (not on the clock)
         due = step % cfg.val_every == 0 or step == stop_at
         if due and (step != resumed_at or step == stop_at):   # resumed: evaluated before
-            val_loss = evaluate(model, cfg, val_files, rank, world, device, autocast)
+            val_loss = evaluate(model, val_stream, val_steps, world, device, autocast)
             if reached is None and val_loss <= cfg.target_val_loss:
                 reached = {"step": step, "train_time_s": train_time}
             print0(f"step {step}/{cfg.max_steps} val loss {val_loss:.4f} "

@@ -1,6 +1,5 @@
 """normuon.py against independent expectations: a plain float64 reference of SPEC §1,
 torch.optim.Muon and torch.optim.AdamW as peers, exact SVDs, and invariants."""
-import copy
 import io
 import math
 import subprocess
@@ -265,8 +264,7 @@ def model_grads(model, steps, seed=10):
     return random_grads(shapes, steps, seed=seed)
 
 
-def make_model_optimizer(params_or_model):
-    model = params_or_model
+def make_model_optimizer(model):
     return NorMuon(param_groups(model, head=model[4]), lr=0.01, weight_decay=0.1)
 
 

@@ -2,7 +2,6 @@
 (the 2-rank run against the 1-rank run), exact resume, and every --optimizer."""
 import json
 import os
-import shutil
 import struct
 import subprocess
 import sys
