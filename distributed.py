@@ -42,8 +42,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Shard
 
-from normuon import (NorMuon, as_matrix_shape, nesterov_direction, normalize_neurons,
-                     orthogonalize, squared_norm, update_scale)
+from normuon import (NorMuon, apply_update, as_matrix_shape, nesterov_direction, neuron_step,
+                     orthogonalize, orthogonalizer_dtype)
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -107,7 +107,7 @@ class DistributedNorMuon(NorMuon):
         self.compile = torch.cuda.is_available() if compile is None else compile
         # lr and weight decay stay outside the compiled functions: changing them never recompiles
         self._orthogonalize = torch.compile(orthogonalize) if self.compile else orthogonalize
-        self._normalize = torch.compile(normalize_neurons) if self.compile else normalize_neurons
+        self._neuron_step = torch.compile(neuron_step) if self.compile else neuron_step
         self.last_step_stats: dict = {}
         self._plan()
 
@@ -188,9 +188,9 @@ class DistributedNorMuon(NorMuon):
             finish()
 
     def _wire_dtype(self, x: Matrix) -> torch.dtype:
-        """bf16 for the bf16 orthogonalizers (lossless: they round U to bf16 first, and O comes
-        out of bf16); the state dtype for the exact "svd"."""
-        return x.U.dtype if x.group["orthogonalizer"] == "svd" else torch.bfloat16
+        """What U and O travel in: what the orthogonalizer reads (bf16 for the polynomial ones,
+        lossless since they round U to bf16 first and O comes out of bf16)."""
+        return orthogonalizer_dtype(x.group["orthogonalizer"], x.U.dtype)
 
     def _all_to_all(self, send_chunks: list[list[Tensor]], receive_sizes: list[int],
                     dtype: torch.dtype, device: torch.device):
@@ -272,33 +272,27 @@ class DistributedNorMuon(NorMuon):
     # -- steps 5-7: normalize rows locally, one all-reduce of norms, update
 
     def _normalize_and_apply(self, matrices: list[Matrix]) -> None:
-        O_hats, squared = [], []
-        for x in matrices:
-            g = x.group
-            O_hat = (self._normalize(x.O, local(x.state["second_moment"]), g["beta2"], g["eps"])
-                     if g["algorithm"] == "normuon" else x.O)
-            O_hats.append(O_hat)
-            O_hat_sq = squared_norm(O_hat).reshape(1)
-            # |O|^2 only where "original" needs it; a placeholder keeps two slots per matrix
-            O_sq = (squared_norm(x.O).reshape(1) if g["adjust_lr"] == "original"
-                    else torch.zeros_like(O_hat_sq))
-            squared += [O_hat_sq, O_sq]
         if not matrices:
             return
-        squared = torch.cat(squared)                       # (2 * matrices,)
-        sharded = torch.tensor([x.rows is not None for x in matrices for _ in range(2)],
-                               device=squared.device)
-        total = torch.where(sharded, squared, torch.zeros_like(squared))
+        O_hats, sq_norms = [], []
+        for x in matrices:
+            g = x.group
+            O_hat, sq = self._neuron_step(x.O, local(x.state["second_moment"]),
+                                          algorithm=g["algorithm"], beta2=g["beta2"],
+                                          eps=g["eps"], adjust_lr=g["adjust_lr"])
+            O_hats.append(O_hat)
+            sq_norms.append(sq)
+        sq_norms = torch.stack(sq_norms)                    # (matrices, 2): this rank's rows
+        sharded = torch.tensor([x.rows is not None for x in matrices],
+                               device=sq_norms.device).unsqueeze(-1)
+        total = torch.where(sharded, sq_norms, torch.zeros_like(sq_norms))
         dist.all_reduce(total, group=self.process_group)  # sum of the sharded matrices' rows
-        squared = torch.where(sharded, total, squared)
+        sq_norms = torch.where(sharded, total, sq_norms)
         if self.world > 1:   # the all-reduce's payload, counted once each way
-            payload = squared.numel() * squared.element_size()
+            payload = sq_norms.numel() * sq_norms.element_size()
             self.last_step_stats["bytes_sent"] += payload
             self.last_step_stats["bytes_received"] += payload
-        for i, (x, O_hat) in enumerate(zip(matrices, O_hats)):
+        for x, O_hat, sq in zip(matrices, O_hats, sq_norms):
             g = x.group
-            scale = update_scale(squared[2 * i], squared[2 * i + 1], x.m, x.n, g["adjust_lr"])
-            p = local(x.param)
-            p.mul_(1 - float(g["lr"]) * g["weight_decay"])
-            p.add_((O_hat * scale).view_as(p), alpha=-float(g["lr"]))
-
+            apply_update(local(x.param), O_hat, sq, x.m, x.n, lr=float(g["lr"]),
+                         weight_decay=g["weight_decay"], adjust_lr=g["adjust_lr"])

@@ -74,8 +74,9 @@ NORM_FLOOR = 1e-30
 def _odd_polynomial_iteration(U: Tensor, coefficients, input_scale: float) -> Tensor:
     """X <- a*X + (b*A + c*A^2) X with A = X X^T, in bf16, on U (..., m, n) / (scale*|U|_F).
 
-    U is rounded to bf16 first, so a bf16 copy of U (what a sharded optimizer sends to the
-    matrix's owner) gives exactly the same result as U itself."""
+    U is rounded to bf16 first, so a bf16 U (what a sharded optimizer sends to the matrix's
+    owner, and what NorMuon builds: see orthogonalizer_dtype) gives exactly the same result.
+    Returns O in U's dtype."""
     X = U.bfloat16()
     transposed = X.size(-2) > X.size(-1)
     if transposed:  # work on the small Gram matrix (rows <= cols), laid out contiguously:
@@ -124,6 +125,13 @@ def orthogonalize(U: Tensor, orthogonalizer: str = "newton_schulz", steps: int =
     raise ValueError(f"unknown orthogonalizer {orthogonalizer!r}; choose one of {ORTHOGONALIZERS}")
 
 
+def orthogonalizer_dtype(orthogonalizer: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype U needs for `orthogonalizer`: the polynomial iterations round U to bf16 first,
+    so a bf16 U gives the same O in half the memory (and half the bytes on the wire when
+    sharded); the exact "svd" keeps `dtype`."""
+    return dtype if orthogonalizer == "svd" else torch.bfloat16
+
+
 # ----------------------------------------------------------------------------- update math
 
 def nesterov_direction(momentum_buffer: Tensor, grad: Tensor, momentum: float,
@@ -139,27 +147,39 @@ def nesterov_direction(momentum_buffer: Tensor, grad: Tensor, momentum: float,
 
 
 def normalize_neurons(O: Tensor, second_moment: Tensor, beta2: float, eps: float) -> Tensor:
-    """Steps 4-5: O (..., m, n) with row i divided by sqrt(v_i) + eps.
+    """Steps 4-5: row i of O (..., m, n) divided by sqrt(v_i) + eps, in place; returns O.
 
     second_moment v (..., m), one value per neuron, is updated in place (no bias correction).
+    In place because O is the step's largest temporary: a copy would double it.
     """
     row_mean_square = torch.linalg.vector_norm(O, dim=-1).square() / O.size(-1)  # fused, fast
     second_moment.lerp_(row_mean_square, 1 - beta2)
-    return O / (second_moment.sqrt() + eps).unsqueeze(-1)
+    return O.div_((second_moment.sqrt() + eps).unsqueeze(-1))
 
 
 def squared_norm(X: Tensor) -> Tensor:
-    """|X|_F^2 of each matrix of X (..., m, n), shaped (..., 1, 1) to broadcast back."""
-    return torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True).square()
+    """|X|_F^2 of each matrix of X (..., m, n), shaped (...)."""
+    return torch.linalg.vector_norm(X, dim=(-2, -1)).square()
 
 
-def update_scale(O_hat_sq_norm: Tensor, O_sq_norm: Tensor | None, m: int, n: int,
-                 adjust_lr: str) -> Tensor:
-    """Step 6: lr_hat/lr, the factor that multiplies O^ (and, in "original" mode, rescales it).
+def neuron_step(O: Tensor, second_moment: Tensor, *, algorithm: str, beta2: float, eps: float,
+                adjust_lr: str) -> tuple[Tensor, Tensor]:
+    """Steps 4-5 on O (..., m, n) (in place for "normuon"; "muon" leaves O as it is), and the
+    squared Frobenius norms that step 6 divides by: returns (O^, norms) with norms (..., 2) =
+    (|O^|_F^2, |O|_F^2), the second only for adjust_lr="original" (else 0).
 
-    Takes squared Frobenius norms because a sharded optimizer sums those across ranks.
-    O_sq_norm is needed only by "original".
+    Each row is normalized on its own, so rows of O may be split across ranks; the norms are
+    then each rank's share, and their sum over ranks is the whole matrix's (step 6 needs it).
     """
+    O_sq_norm = squared_norm(O) if adjust_lr == "original" else O.new_zeros(O.shape[:-2])
+    O_hat = normalize_neurons(O, second_moment, beta2, eps) if algorithm == "normuon" else O
+    return O_hat, torch.stack([squared_norm(O_hat), O_sq_norm], dim=-1)
+
+
+def update_scale(O_hat_sq_norm: Tensor, O_sq_norm: Tensor, m: int, n: int,
+                 adjust_lr: str) -> Tensor:
+    """Step 6: lr_hat/lr, the factor that multiplies O^ (and, in "original" mode, rescales it),
+    from the whole matrix's squared norms."""
     O_hat_norm = O_hat_sq_norm.sqrt().clamp_min(NORM_FLOOR)
     if adjust_lr == "match_rms_adamw":
         return (0.2 * math.sqrt(m * n)) / O_hat_norm       # every update has RMS 0.2*lr
@@ -168,14 +188,14 @@ def update_scale(O_hat_sq_norm: Tensor, O_sq_norm: Tensor | None, m: int, n: int
     raise ValueError(f"unknown adjust_lr {adjust_lr!r}; choose one of {ADJUST_LR}")
 
 
-def matrix_update(U: Tensor, second_moment: Tensor, *, algorithm: str, beta2: float,
-                  eps: float, orthogonalizer: str, ns_steps: int, adjust_lr: str) -> Tensor:
-    """Steps 3-6 for a batch U (B, m, n) of same-shape matrices: returns (lr_hat/lr)*O^,
-    so that the caller applies W <- W - lr*wd*W - lr*result. second_moment (B, m) in place."""
-    O = orthogonalize(U, orthogonalizer, ns_steps)
-    O_hat = normalize_neurons(O, second_moment, beta2, eps) if algorithm == "normuon" else O
-    O_sq_norm = squared_norm(O) if adjust_lr == "original" else None
-    return O_hat * update_scale(squared_norm(O_hat), O_sq_norm, *U.shape[-2:], adjust_lr)
+def apply_update(param: Tensor, O_hat: Tensor, sq_norms: Tensor, m: int, n: int, *, lr: float,
+                 weight_decay: float, adjust_lr: str) -> None:
+    """Steps 6-7 for one matrix: W <- W - lr*wd*W - lr*(lr_hat/lr)*O^, where sq_norms (2,) are
+    the whole matrix's (|O^|^2, |O|^2) and param, O^ hold the same rows (all, or a shard's).
+    O^ is scaled in place."""
+    scale = update_scale(sq_norms[0], sq_norms[1], m, n, adjust_lr)
+    param.mul_(1 - lr * weight_decay)
+    param.add_(O_hat.mul_(scale).view_as(param), alpha=-lr)
 
 
 def adamw_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int,
@@ -282,26 +302,37 @@ class NorMuon(torch.optim.Optimizer):
             self._matrix_step(group, params)
 
     def _matrix_step(self, group: dict, params: list[Tensor]) -> None:
-        lr, weight_decay = float(group["lr"]), group["weight_decay"]
         buckets: dict[tuple, list[Tensor]] = {}  # same-shape matrices orthogonalize as a batch
         for p in params:
             buckets.setdefault((p.shape, p.device, state_dtype(p)), []).append(p)
-        for (shape, _, _), bucket in buckets.items():
-            states = [self.matrix_state(p) for p in bucket]
-            m, n = as_matrix_shape(shape)
-            U = torch.stack([
-                nesterov_direction(s["momentum_buffer"], p.grad, group["momentum"],
-                                   group["nesterov"]).reshape(m, n)
-                for p, s in zip(bucket, states)])                        # (B, m, n)
-            second_moments = torch.stack([s["second_moment"] for s in states])  # (B, m)
-            updates = matrix_update(
-                U, second_moments, algorithm=group["algorithm"], beta2=group["beta2"],
-                eps=group["eps"], orthogonalizer=group["orthogonalizer"],
-                ns_steps=group["ns_steps"], adjust_lr=group["adjust_lr"])
-            for p, s, v, update in zip(bucket, states, second_moments, updates):
-                s["second_moment"].copy_(v)
-                p.mul_(1 - lr * weight_decay)
-                p.add_(update.view(shape), alpha=-lr)
+        largest = max((working_set(*as_matrix_shape(p.shape)) for p in params), default=0)
+        for (shape, device, dtype), bucket in buckets.items():
+            size = batch_size(working_set(*as_matrix_shape(shape)), largest, device)
+            for start in range(0, len(bucket), size):
+                self._matrix_batch_step(group, bucket[start:start + size], dtype)
+
+    def _matrix_batch_step(self, group: dict, batch: list[Tensor], dtype: torch.dtype) -> None:
+        """Steps 1-7 for same-shape matrices. (A method of its own so that its temporaries are
+        freed before the next batch starts.)"""
+        m, n = as_matrix_shape(batch[0].shape)
+        states = [self.matrix_state(p) for p in batch]
+        # steps 1-2, written straight into the batch, in the dtype the orthogonalizer reads
+        U = torch.empty((len(batch), m, n), device=batch[0].device,
+                        dtype=orthogonalizer_dtype(group["orthogonalizer"], dtype))
+        for i, (p, state) in enumerate(zip(batch, states)):
+            U[i] = nesterov_direction(state["momentum_buffer"], p.grad, group["momentum"],
+                                      group["nesterov"]).view(m, n)
+        O = orthogonalize(U, group["orthogonalizer"], group["ns_steps"])           # step 3
+        del U   # before O's copy in the state dtype: the step's peak memory is lower
+        O = O.to(dtype)
+        second_moments = torch.stack([state["second_moment"] for state in states])  # (k, m)
+        O_hat, sq_norms = neuron_step(O, second_moments, algorithm=group["algorithm"],
+                                      beta2=group["beta2"], eps=group["eps"],
+                                      adjust_lr=group["adjust_lr"])         # steps 4-5
+        for i, (p, state) in enumerate(zip(batch, states)):                 # steps 6-7
+            state["second_moment"].copy_(second_moments[i])
+            apply_update(p, O_hat[i], sq_norms[i], m, n, lr=float(group["lr"]),
+                         weight_decay=group["weight_decay"], adjust_lr=group["adjust_lr"])
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch.optim casts loaded state to each parameter's dtype, which would round our
@@ -313,6 +344,19 @@ class NorMuon(torch.optim.Optimizer):
             for key, value in state_dict["state"].get(saved_id, {}).items():
                 if isinstance(value, Tensor):
                     self.state[p][key] = value.to(device=p.device, copy=True)
+
+
+def working_set(m: int, n: int) -> int:
+    """Elements the orthogonalizer holds per (m, n) matrix: X and the r x r A and B."""
+    return m * n + 2 * min(m, n) ** 2
+
+
+def batch_size(matrix_working_set: int, largest: int, device: torch.device) -> int:
+    """How many same-shape matrices to orthogonalize as one batch. On a GPU a batch saves
+    kernel launches, so the whole bucket; on a CPU batching saves nothing and its temporaries
+    grow with it, so a batch's working set stays within that of the step's largest matrix,
+    and the step's peak memory is that of one large matrix."""
+    return 1 << 30 if device.type == "cuda" else max(1, largest // matrix_working_set)
 
 
 def params_with_grad(group: dict, index: int) -> list[Tensor]:

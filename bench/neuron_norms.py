@@ -71,7 +71,7 @@ def final_updates(grads: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     for step, G in enumerate(grads, start=1):
         U = nesterov_direction(buffer, G, 0.95, True)              # raw (Nesterov) momentum
         O = orthogonalize(U)                                        # Muon
-        O_hat = normalize_neurons(O, second_moment, 0.95, 1e-8)    # NorMuon
+        O_hat = normalize_neurons(O.clone(), second_moment, 0.95, 1e-8)   # NorMuon (in place)
         before = adamw_param.clone()
         adamw_update(adamw_param, G, exp_avg, exp_avg_sq, step, lr=1.0, betas=(0.9, 0.95),
                      eps=1e-8, weight_decay=0.0)

@@ -1,34 +1,57 @@
-"""Optimizer step time on GPT-2 124M's hidden matrices: ours against the peers and the limit.
+"""Optimizer step time and memory on a GPT's hidden matrices: ours against the peers and the
+matmul limit, every variant stepped in turn in one process.
 
-    python bench/optimizer_step.py             # the 48 matrices of GPT-2 124M
-    python bench/optimizer_step.py --small     # GPT-2 shapes / 4, 2 layers: seconds
-    python bench/optimizer_step.py --device cuda
+    python bench/optimizer_step.py                    # the 48 matrices of GPT-2 124M
+    python bench/optimizer_step.py --shapes small     # GPT-2 shapes / 4, 2 layers: seconds
+    python bench/optimizer_step.py --shapes 1b --device cuda   # width 2048, 24 layers
 
-Times, in one run, the median step (after warm-up) of: our normuon and muon, eager and compiled
-(torch.compile(opt.step)), torch.optim.Muon and torch.optim.AdamW. The limit is the
-orthogonalizer's matmuls alone: their FLOPs (5 Newton-Schulz steps per matrix) at the
-machine's bf16 matmul rate, measured here on a square matmul. Ratios are printed against it.
+Variants: our normuon and muon, eager and compiled (torch.compile(opt.step)), torch.optim.Muon,
+torch.optim.AdamW, and "limit": the Newton-Schulz matmuls of the same matrices alone (bf16,
+batched by shape as ours batches them, written into preallocated outputs: no normalization,
+no casts, no allocation), i.e. the matmul time no Muon-family step can go below.
+
+Method (so that noise and order cannot decide the result): every variant owns its optimizer
+state over the same parameters and gradients; all are warmed up the same number of steps
+(compiled ones compile there); then each round times one step of every variant, in an order
+that rotates from round to round. Reported: median and min-max per variant over the rounds,
+and ratios of medians. Peak extra memory of a step (bytes above what was allocated before it,
+per parameter element) comes from a separate, untimed step: the CUDA allocator's peak on
+CUDA; on CPU, torch's dispatch-level tracker (MemTracker), which cannot see inside compiled
+code, so compiled variants have none there. Default allocator settings.
 """
 import argparse
 import json
 import statistics
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from distributed import newton_schulz_flops  # noqa: E402
-from normuon import NorMuon  # noqa: E402
+from normuon import NEWTON_SCHULZ_COEFFICIENTS, NorMuon  # noqa: E402
 
 
-def gpt2_shapes(layers: int, scale: int) -> list[tuple[int, int]]:
-    d = 768 // scale
-    return [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d)] * layers
+def gpt_shapes(layers: int, width: int) -> list[tuple[int, int]]:
+    """A GPT block's hidden matrices: qkv, attention out, MLP in, MLP out; `layers` blocks."""
+    return [(3 * width, width), (width, width), (4 * width, width), (width, 4 * width)] * layers
+
+
+def gpt2_shapes(layers: int = 12, scale: int = 1) -> list[tuple[int, int]]:
+    """GPT-2 124M's (width 768) hidden matrices, every dimension divided by `scale`."""
+    return gpt_shapes(layers, 768 // scale)
+
+
+SHAPES = {"gpt2": ("GPT-2 124M", gpt2_shapes()),
+          "small": ("GPT-2 / 4, 2 layers", gpt2_shapes(2, 4)),
+          "1b": ("width 2048, 24 layers (1B class)", gpt_shapes(24, 2048))}
 
 
 def synchronize(device: torch.device) -> None:
@@ -36,85 +59,152 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def matmul_rate(device: torch.device, n: int) -> float:
-    """bf16 FLOP/s of an (n, n) @ (n, n) matmul, the best of several."""
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    best = float("inf")
-    for _ in range(10):
-        synchronize(device)
-        start = time.perf_counter()
-        a @ b
-        synchronize(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 / best
+class MatmulLimit:
+    """Newton-Schulz's matmuls alone on the workload's shapes, as a steppable 'optimizer'."""
+
+    def __init__(self, shapes, device, steps: int = 5):
+        self.steps = steps
+        self.buffers = []
+        for (m, n), count in sorted({s: shapes.count(s) for s in shapes}.items()):
+            r, c = min(m, n), max(m, n)
+            X = torch.randn(count, r, c, device=device, dtype=torch.bfloat16) / c ** 0.5
+            self.buffers.append((X, torch.empty_like(X), X.new_empty(count, r, r),
+                                 X.new_empty(count, r, r)))        # X, X', A, B
+
+    def step(self) -> None:
+        a, b, c = NEWTON_SCHULZ_COEFFICIENTS
+        for X, X_next, A, B in self.buffers:
+            for _ in range(self.steps):
+                torch.bmm(X, X.mT, out=A)                          # (k, r, r)
+                torch.baddbmm(A, A, A, beta=b, alpha=c, out=B)
+                torch.baddbmm(X, B, X, beta=a, out=X_next)         # (k, r, c)
 
 
-def median_step(make_optimizer, shapes, device, repeats: int, warmup: int,
-                compile: bool = False) -> float:
-    torch.manual_seed(0)
-    params = [nn.Parameter(torch.randn(m, n, device=device) / n ** 0.5) for m, n in shapes]
-    grads = [torch.randn_like(p) for p in params]
-    for p, g in zip(params, grads):
-        p.grad = g
-    opt = make_optimizer(params)
-    step = torch.compile(opt.step) if compile else opt.step
-    times = []
-    for i in range(warmup + repeats):
-        synchronize(device)
-        start = time.perf_counter()
+def variants(compile: bool) -> dict:
+    """name -> (make optimizer from params, compile its step?). Eager ones first in the warm-up:
+    once something has compiled, Inductor's workers can keep a small machine busy a while."""
+    table = {
+        "normuon (ours)": (lambda ps: NorMuon(ps, lr=1e-3), False),
+        "muon (ours)": (lambda ps: NorMuon(ps, lr=1e-3, algorithm="muon",
+                                           adjust_lr="original"), False),
+        "torch.optim.Muon": (lambda ps: torch.optim.Muon(ps, lr=1e-3), False),
+        "torch.optim.AdamW": (lambda ps: torch.optim.AdamW(ps, lr=1e-3), False),
+    }
+    if compile:
+        table["normuon (ours, compiled)"] = (lambda ps: NorMuon(ps, lr=1e-3), True)
+        table["muon (ours, compiled)"] = (lambda ps: NorMuon(
+            ps, lr=1e-3, algorithm="muon", adjust_lr="original"), True)
+    return table
+
+
+class NewMemory(TorchDispatchMode):
+    """Peak bytes of the tensor storages created inside the block and alive at once. In-place
+    results and views of storages that existed before are not new; a storage counts until it
+    is freed."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.current, self.peak = {}, 0, 0
+
+    def _free(self, key: int) -> None:
+        self.current -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if key in self.live or key in inputs or storage.nbytes() == 0:
+                continue
+            self.live[key] = storage.nbytes()
+            self.current += storage.nbytes()
+            self.peak = max(self.peak, self.current)
+            weakref.finalize(storage, self._free, key)
+        return out
+
+
+def peak_extra_bytes(step, device: torch.device, can_track: bool) -> int | None:
+    """Bytes allocated at the peak of one step above what was allocated before it."""
+    synchronize(device)
+    if device.type == "cuda":
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
         step()
         synchronize(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        return torch.cuda.max_memory_allocated(device) - before
+    if not can_track:
+        return None
+    with NewMemory() as tracker:
+        step()
+    return tracker.peak
 
 
-# eager first: once something has compiled, Inductor's worker processes can keep a small
-# machine's cores busy for a while and slow whatever is timed next
-VARIANTS = {
-    "normuon (ours)": (lambda ps: NorMuon(ps, lr=1e-3), False),
-    "muon (ours)": (lambda ps: NorMuon(ps, lr=1e-3, algorithm="muon",
-                                       adjust_lr="original"), False),
-    "torch.optim.Muon": (lambda ps: torch.optim.Muon(ps, lr=1e-3), False),
-    "torch.optim.AdamW": (lambda ps: torch.optim.AdamW(ps, lr=1e-3), False),
-    "normuon (ours, compiled)": (lambda ps: NorMuon(ps, lr=1e-3), True),
-    "muon (ours, compiled)": (lambda ps: NorMuon(ps, lr=1e-3, algorithm="muon",
-                                                 adjust_lr="original"), True),
-}
+def measure(shapes, device, rounds: int, warmup: int, compile: bool) -> dict:
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(m, n, device=device) / n ** 0.5) for m, n in shapes]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    steps = {"limit": MatmulLimit(shapes, device).step}
+    compiled = set()
+    for name, (make, compiled_step) in variants(compile).items():
+        opt = make(params)
+        steps[name] = torch.compile(opt.step) if compiled_step else opt.step
+        if compiled_step:
+            compiled.add(name)
+    for name, step in steps.items():   # state created and code compiled: off the clock
+        for _ in range(warmup):
+            step()
+    memory = {name: peak_extra_bytes(step, device, name not in compiled)
+              for name, step in steps.items()}
+    times = {name: [] for name in steps}
+    names = list(steps)
+    for round_ in range(rounds):
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            synchronize(device)
+            start = time.perf_counter()
+            steps[name]()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return {"times_s": times, "peak_extra_bytes": memory}
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--small", action="store_true", help="GPT-2 shapes / 4, 2 layers")
+    parser.add_argument("--shapes", choices=SHAPES, default="gpt2")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=10, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-compile", action="store_true", help="skip compiled variants")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
-    shapes = gpt2_shapes(2, 4) if args.small else gpt2_shapes(12, 1)
-
-    rate = matmul_rate(device, 1024 if args.small else 4096)
+    label, shapes = SHAPES[args.shapes]
+    elements = sum(m * n for m, n in shapes)
     flops = sum(newton_schulz_flops(m, n) for m, n in shapes)
-    limit = flops / rate
-    print(f"{len(shapes)} matrices ({'GPT-2 / 4, 2 layers' if args.small else 'GPT-2 124M'}), "
-          f"{sum(m * n for m, n in shapes) / 1e6:.1f}M elements on {device}; "
-          f"torch {torch.__version__}")
-    print(f"bf16 matmul rate {rate / 1e12:.2f} TFLOP/s; Newton-Schulz {flops / 1e9:.1f} GFLOP "
-          f"-> limit {limit * 1e3:.2f} ms per step\n")
-    print(f"{'optimizer':<28}{'median ms':>11}{'x limit':>9}{'x AdamW':>9}")
-    results = {}
-    for name, (make, compiled) in VARIANTS.items():
-        if compiled and args.no_compile:
-            continue
-        results[name] = median_step(make, shapes, device, args.repeats, args.warmup, compiled)
-    adamw = results["torch.optim.AdamW"]
-    for name, seconds in results.items():
-        print(f"{name:<28}{seconds * 1e3:>11.2f}{seconds / limit:>9.2f}{seconds / adamw:>9.2f}")
-    summary = {"device": str(device), "shapes": shapes, "matmul_flops_per_s": rate,
-               "newton_schulz_flops": flops, "limit_s": limit, "median_s": results}
+
+    result = measure(shapes, device, args.rounds, args.warmup, not args.no_compile)
+    median = {name: statistics.median(t) for name, t in result["times_s"].items()}
+    limit, peer = median["limit"], median["torch.optim.Muon"]
+    print(f"{len(shapes)} matrices ({label}), {elements / 1e6:.1f}M elements on {device}; "
+          f"torch {torch.__version__}; {args.rounds} rounds after {args.warmup} warm-up steps")
+    print(f"Newton-Schulz {flops / 1e9:.1f} GFLOP per step; limit {limit * 1e3:.2f} ms = "
+          f"{flops / limit / 1e12:.2f} TFLOP/s\n")
+    print(f"{'variant':<26}{'median ms':>10}{'min-max ms':>18}{'x limit':>9}{'x torch Muon':>13}"
+          f"{'peak B/elem':>12}")
+    for name, t in result["times_s"].items():
+        peak = result["peak_extra_bytes"][name]
+        peak_text = f"{peak / elements:.2f}" if peak is not None else "-"
+        spread = f"{min(t) * 1e3:.1f}-{max(t) * 1e3:.1f}"
+        print(f"{name:<26}{median[name] * 1e3:>10.2f}{spread:>18}{median[name] / limit:>9.2f}"
+              f"{median[name] / peer:>13.2f}{peak_text:>12}")
+    summary = {"device": str(device), "torch": torch.__version__, "shapes": args.shapes,
+               "elements": elements, "newton_schulz_flops": flops, "rounds": args.rounds,
+               "warmup": args.warmup, "median_s": median, **result}
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1))
     return summary
