@@ -529,10 +529,12 @@ def train(args, rank: int, world: int, device: torch.device) -> dict:
             log.write(json.dumps(record) + "\n")
             log.flush()
 
+    resumed_train_time = train_time
     stop_at = min(args.stop_at_step or cfg.max_steps, cfg.max_steps)
     bar = tqdm(total=cfg.max_steps, initial=step, disable=rank != 0, dynamic_ncols=True,
                mininterval=1.0)
     train_loss, val_loss = None, None
+    optimizer_time = 0.0   # of train_time, this run (not carried across resumes)
     warmed_up = not use_compile
     while True:
         # -- evaluation (not on the clock)
@@ -558,13 +560,18 @@ def train(args, rank: int, world: int, device: torch.device) -> dict:
             loss.backward()
         for group, base_lr in zip(optimizer.param_groups, base_lrs):
             group["lr"] = base_lr * lr_factor(step, cfg)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        train_loss = loss.item() * accumulation
         if device.type == "cuda":
             torch.cuda.synchronize()
+        optimizer_start = time.perf_counter()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        optimizer_seconds = time.perf_counter() - optimizer_start
+        train_loss = loss.item() * accumulation
         if warmed_up:   # a compiling first step is off the clock
             train_time += time.perf_counter() - start
+            optimizer_time += optimizer_seconds
             counted_steps += 1
         warmed_up = True
         step += 1
@@ -590,6 +597,8 @@ def train(args, rank: int, world: int, device: torch.device) -> dict:
     summary = {"kind": "summary", "steps": step, "finished": step == cfg.max_steps,
                "val_loss": val_loss, "train_time_s": train_time,
                "tokens_per_s": counted_steps * cfg.tokens_per_step / max(train_time, 1e-9),
+               "optimizer_time_s": optimizer_time,
+               "optimizer_share": optimizer_time / max(train_time - resumed_train_time, 1e-9),
                "target_val_loss": cfg.target_val_loss,
                "target_reached_step": reached and reached["step"],
                "target_reached_time_s": reached and reached["train_time_s"],

@@ -143,7 +143,20 @@ def peak_extra_bytes(step, device: torch.device, can_track: bool) -> int | None:
     return tracker.peak
 
 
-def measure(shapes, device, rounds: int, warmup: int, compile: bool) -> dict:
+def profile_table(step, device: torch.device, rows: int = 25) -> str:
+    """The torch profiler's table of one step's most expensive kernels (or CPU ops)."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                           else [])
+    with profile(activities=activities) as prof:
+        step()
+        synchronize(device)
+    sort = "cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=sort, row_limit=rows)
+
+
+def measure(shapes, device, rounds: int, warmup: int, compile: bool,
+            profile: list[str] = ()) -> dict:
     torch.manual_seed(0)
     params = [nn.Parameter(torch.randn(m, n, device=device) / n ** 0.5) for m, n in shapes]
     for p in params:
@@ -170,6 +183,8 @@ def measure(shapes, device, rounds: int, warmup: int, compile: bool) -> dict:
             steps[name]()
             synchronize(device)
             times[name].append(time.perf_counter() - start)
+    for name in profile:
+        print(f"\n-- profile of one step: {name}\n{profile_table(steps[name], device)}")
     return {"times_s": times, "peak_extra_bytes": memory}
 
 
@@ -181,13 +196,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-compile", action="store_true", help="skip compiled variants")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--profile", nargs="+", default=[], metavar="VARIANT",
+                        help="also print the profiler's table of one step of these variants")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     label, shapes = SHAPES[args.shapes]
     elements = sum(m * n for m, n in shapes)
     flops = sum(newton_schulz_flops(m, n) for m, n in shapes)
 
-    result = measure(shapes, device, args.rounds, args.warmup, not args.no_compile)
+    result = measure(shapes, device, args.rounds, args.warmup, not args.no_compile,
+                     args.profile)
     median = {name: statistics.median(t) for name, t in result["times_s"].items()}
     limit, peer = median["limit"], median["torch.optim.Muon"]
     print(f"{len(shapes)} matrices ({label}), {elements / 1e6:.1f}M elements on {device}; "
