@@ -305,7 +305,10 @@ class NorMuon(torch.optim.Optimizer):
         buckets: dict[tuple, list[Tensor]] = {}  # same-shape matrices orthogonalize as a batch
         for p in params:
             buckets.setdefault((p.shape, p.device, state_dtype(p)), []).append(p)
-        largest = max((working_set(*as_matrix_shape(p.shape)) for p in params), default=0)
+        if not params:
+            return
+        # (max without default=: that keyword is a graph break under torch.compile)
+        largest = max(working_set(*as_matrix_shape(p.shape)) for p in params)
         for (shape, device, dtype), bucket in buckets.items():
             size = batch_size(working_set(*as_matrix_shape(shape)), largest, device)
             for start in range(0, len(bucket), size):
