@@ -20,7 +20,7 @@ Which rank holds what:
 - Each hidden matrix has one owner rank, chosen so that Newton-Schulz FLOPs are balanced. For
   one step the owner also holds the whole matrix's momentum direction U and its orthogonalized O.
 
-A step (SPEC §2, the paper's Algorithm 2):
+A step (the paper's Algorithm 2):
 1. momentum on local rows                                       (no communication)
 2. gather: each rank sends its rows of U to the owner             (bf16; one all-to-all per shape)
 3. the owner orthogonalizes its same-shape matrices as one batch

@@ -1,5 +1,5 @@
-"""normuon.py against independent expectations: a plain float64 reference of SPEC §1,
-torch.optim.Muon and torch.optim.AdamW as peers, exact SVDs, and invariants."""
+"""normuon.py against independent expectations: a plain float64 reference of the update in
+normuon.py's docstring, torch.optim.Muon and torch.optim.AdamW as peers, exact SVDs, and invariants."""
 import io
 import math
 import subprocess
@@ -28,7 +28,8 @@ def polar_by_eigh(U: torch.Tensor) -> torch.Tensor:
 
 def reference_run(W0, grads, *, algorithm, lr, weight_decay, momentum, beta2, eps, nesterov,
                   adjust_lr):
-    """SPEC §1 written out plainly, one matrix, float64, neuron by neuron."""
+    """The update of normuon.py's docstring written out plainly: one matrix, float64, neuron
+    by neuron."""
     W = W0.double().clone()
     m, n = W.shape
     M = torch.zeros(m, n, dtype=torch.float64)
@@ -70,7 +71,7 @@ def random_grads(shapes, steps, seed=0):
     return [[torch.randn(shape, generator=gen) for shape in shapes] for _ in range(steps)]
 
 
-# ----------------------------------------------------------------------------- SPEC §1 reference
+# ----------------------------------------------------------------------------- plain reference
 
 @pytest.mark.parametrize("shape", [(48, 16), (16, 48), (32, 32)], ids=["tall", "wide", "square"])
 @pytest.mark.parametrize("nesterov", [True, False])
@@ -86,7 +87,7 @@ def test_matches_plain_reference_with_svd(shape, nesterov, adjust_lr, algorithm)
     def make(params):
         return NorMuon(params, orthogonalizer="svd", **hyper)
 
-    # float32 parameters (float32 state): the issue's 1e-6 relative on the parameters
+    # float32 parameters (float32 state): 1e-6 relative on the parameters
     p32 = nn.Parameter(W0.float().clone())
     run_optimizer([p32], grads, make)
     torch.testing.assert_close(p32.detach().double(), expected, rtol=1e-6, atol=1e-6)
