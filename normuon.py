@@ -42,6 +42,9 @@ Options (each a keyword of NorMuon and overridable per param group):
 
 State (momentum_buffer, second_moment, exp_avg, exp_avg_sq) is float32 for bf16/fp16/fp32
 parameters, float64 for float64 ones, and stays so through state_dict()/load_state_dict().
+Same-shape matrices are orthogonalized as one batch: on a GPU the whole bucket (fewer kernel
+launches); on a CPU a batch no bigger than the step's largest matrix, so that a step's extra
+memory is about 7 bytes per element of that one matrix (torch.optim.Muon's: about 9).
 """
 import copy
 import math

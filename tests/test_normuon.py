@@ -1,5 +1,6 @@
 """normuon.py against independent expectations: a plain float64 reference of the update in
-normuon.py's docstring, torch.optim.Muon and torch.optim.AdamW as peers, exact SVDs, and invariants."""
+normuon.py's docstring, torch.optim.Muon and torch.optim.AdamW as peers, exact SVDs, and
+invariants."""
 import io
 import math
 import subprocess
