@@ -43,17 +43,10 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor, Shard
 
 from normuon import (NorMuon, apply_update, as_matrix_shape, nesterov_direction, neuron_step,
-                     orthogonalize, orthogonalizer_dtype)
+                     newton_schulz_flops, orthogonalize, orthogonalizer_dtype)
 
 
 # ----------------------------------------------------------------------------- the plan
-
-def newton_schulz_flops(m: int, n: int, steps: int = 5) -> int:
-    """Matmul FLOPs of `steps` iterations on an (m, n) matrix: with r = min, c = max,
-    X X^T (2 r^2 c), A A (2 r^3) and B X (2 r^2 c) per iteration."""
-    r, c = min(m, n), max(m, n)
-    return steps * (4 * r * r * c + 2 * r ** 3)
-
 
 def assign_owners(shapes: list[tuple[int, int]], world: int, steps: int = 5) -> list[int]:
     """Owner rank of each matrix: largest first, each to the least-loaded rank (greedy LPT,

@@ -68,6 +68,10 @@ class Config:
     cooldown_frac: float    # the lr decays linearly to 0 over this last fraction of the steps
     target_val_loss: float
 
+    def tokens_per_pass(self, world: int) -> int:
+        """Tokens of one forward pass of every rank (a micro-step)."""
+        return world * self.micro_batch * self.seq_len
+
 
 PRESETS = {
     # byte-level; on 2 CPU cores a few minutes. lr: the best NorMuon lr of the sweep in
@@ -191,6 +195,14 @@ class GPT(nn.Module):
             x = block(x)
         logits = self.lm_head(rms_norm(x)).float()           # (B, T, V)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+
+def hidden_matrix_shapes(n_layer: int, dim: int) -> list[tuple[int, int]]:
+    """The (out, in) shapes of the matrices NorMuon steps in a GPT of this depth and width, read
+    off the model itself (built on the meta device, so nothing is allocated): for benchmarks."""
+    with torch.device("meta"):
+        model = GPT(dataclasses.replace(PRESETS["gpt2"], n_layer=n_layer, dim=dim, n_head=1))
+    return [tuple(p.shape) for _, p in param_groups(model, head=model.lm_head)[0]["params"]]
 
 
 # ----------------------------------------------------------------------------- data
@@ -334,7 +346,7 @@ def prepare_data(cfg: Config, data_dir: Path | None, rank: int,
         if dist.is_initialized():
             dist.barrier()
     train, val = find_shards(data_dir)
-    span = world * cfg.micro_batch * cfg.seq_len     # tokens of one micro-step, all ranks
+    span = cfg.tokens_per_pass(world)
     counts = [read_shard_header(p) for p in train + val]
     for path, count in zip(train + val, counts):
         if count < span + 1:
@@ -387,7 +399,7 @@ def lr_factor(step: int, cfg: Config) -> float:
 def evaluation_steps(cfg: Config, val_files: list[Path], world: int) -> int:
     """Forward passes per evaluation: the first val_tokens of the val shards, all ranks."""
     available = sum(read_shard_header(p) for p in val_files)
-    span = world * cfg.micro_batch * cfg.seq_len
+    span = cfg.tokens_per_pass(world)
     steps = min(cfg.val_tokens, available - 1) // span
     if steps == 0:
         raise ValueError(f"the val shards hold {available} tokens, fewer than one "
@@ -479,7 +491,7 @@ def train(args, rank: int, world: int, device: torch.device) -> dict:
     print0 = lambda *a: tqdm.write(" ".join(map(str, a))) if rank == 0 else None  # noqa: E731
 
     cfg = resolve_config(args, device)
-    per_pass = world * cfg.micro_batch * cfg.seq_len
+    per_pass = cfg.tokens_per_pass(world)
     if cfg.tokens_per_step % per_pass:
         raise ValueError(f"--tokens-per-step {cfg.tokens_per_step} is not a multiple of "
                          f"world size {world} x micro-batch {cfg.micro_batch} x seq-len "

@@ -23,8 +23,14 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from distributed import assign_owners, newton_schulz_flops  # noqa: E402
-from optimizer_step import gpt2_shapes  # noqa: E402
+from distributed import assign_owners  # noqa: E402
+from normuon import newton_schulz_flops  # noqa: E402
+from train_gpt import hidden_matrix_shapes  # noqa: E402
+
+
+def gpt2_shapes(layers: int, scale: int) -> list[tuple[int, int]]:
+    """GPT-2 124M's hidden matrices (width 768) with every dimension divided by `scale`."""
+    return hidden_matrix_shapes(layers, 768 // scale)
 
 
 def median_step_seconds(opt, params, repeats: int, warmup: int) -> float:

@@ -35,23 +35,12 @@ from torch.utils._pytree import tree_flatten
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from distributed import newton_schulz_flops  # noqa: E402
-from normuon import NEWTON_SCHULZ_COEFFICIENTS, NorMuon  # noqa: E402
+from normuon import NEWTON_SCHULZ_COEFFICIENTS, NorMuon, newton_schulz_flops  # noqa: E402
+from train_gpt import hidden_matrix_shapes  # noqa: E402
 
-
-def gpt_shapes(layers: int, width: int) -> list[tuple[int, int]]:
-    """A GPT block's hidden matrices: qkv, attention out, MLP in, MLP out; `layers` blocks."""
-    return [(3 * width, width), (width, width), (4 * width, width), (width, 4 * width)] * layers
-
-
-def gpt2_shapes(layers: int = 12, scale: int = 1) -> list[tuple[int, int]]:
-    """GPT-2 124M's (width 768) hidden matrices, every dimension divided by `scale`."""
-    return gpt_shapes(layers, 768 // scale)
-
-
-SHAPES = {"gpt2": ("GPT-2 124M", gpt2_shapes()),
-          "small": ("GPT-2 / 4, 2 layers", gpt2_shapes(2, 4)),
-          "1b": ("width 2048, 24 layers (1B class)", gpt_shapes(24, 2048))}
+SHAPES = {"gpt2": ("GPT-2 124M", hidden_matrix_shapes(12, 768)),
+          "small": ("GPT-2 / 4, 2 layers", hidden_matrix_shapes(2, 192)),
+          "1b": ("width 2048, 24 layers (1B class)", hidden_matrix_shapes(24, 2048))}
 
 
 def synchronize(device: torch.device) -> None:

@@ -25,6 +25,7 @@ from torch.nn.parallel import DistributedDataParallel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distributed import DistributedNorMuon  # noqa: E402
 from normuon import NorMuon, param_groups  # noqa: E402
+from train_gpt import hidden_matrix_shapes  # noqa: E402
 
 
 class UnevenModel(nn.Module):
@@ -154,8 +155,7 @@ def scenario_parity(world, rank, mesh):
 def gpt_shaped_model(layers=2, scale=8):
     """The hidden matrices of GPT-2 124M's blocks, each dimension divided by `scale`."""
     torch.manual_seed(0)
-    d = 768 // scale
-    shapes = [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d)] * layers
+    shapes = hidden_matrix_shapes(layers, 768 // scale)
     return nn.ParameterList(nn.Parameter(torch.randn(m, n) / n ** 0.5) for m, n in shapes)
 
 

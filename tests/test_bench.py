@@ -24,14 +24,6 @@ def test_distributed_step_bench_prints_a_row_per_world_size():
     assert "W=8" in result.stdout
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory) -> Path:
-    from train_gpt import build_stdlib_corpus
-    data_dir = tmp_path_factory.mktemp("stdlib")
-    build_stdlib_corpus(data_dir, shard_tokens=2_000_000)
-    return data_dir
-
-
 def test_optimizer_step_small_steps_every_variant_in_every_round(tmp_path):
     import optimizer_step
     summary = optimizer_step.main(["--shapes", "small", "--no-compile", "--rounds", "2",
@@ -48,7 +40,7 @@ def test_the_limit_does_exactly_the_newton_schulz_flops_of_the_workload():
     from torch.utils.flop_counter import FlopCounterMode
 
     import optimizer_step
-    from distributed import newton_schulz_flops
+    from normuon import newton_schulz_flops
     shapes = optimizer_step.SHAPES["small"][1]
     limit = optimizer_step.MatmulLimit(shapes, torch.device("cpu"))
     with FlopCounterMode(display=False) as counter:
@@ -75,7 +67,7 @@ def test_normuon_step_memory_is_bounded_by_one_large_matrix_not_the_bucket():
     assert tracker.peak == 8000 and tracker.current == 6000
     del b, c
 
-    shapes = optimizer_step.gpt2_shapes(layers=4, scale=4)      # 4 same-shape per bucket
+    shapes = optimizer_step.hidden_matrix_shapes(4, 192)        # 4 same-shape per bucket
     peaks = {}
     for name, make in [("normuon", lambda ps: NorMuon(ps)),
                        ("torch", lambda ps: torch.optim.Muon(ps))]:

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from distributed import assign_owners, newton_schulz_flops, shard_rows
+from distributed import assign_owners, shard_rows
+from normuon import newton_schulz_flops
+from train_gpt import hidden_matrix_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "distributed_worker.py"
@@ -67,8 +69,7 @@ def test_bytes_communicated_match_two_plus_two_bytes_per_element(tmp_path):
 
 
 def test_owner_assignment_balances_gpt2_newton_schulz_flops_at_eight_ranks():
-    d = 768
-    shapes = [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d)] * 12    # GPT-2 124M's 48 matrices
+    shapes = hidden_matrix_shapes(12, 768)                       # GPT-2 124M's 48 matrices
     owners = assign_owners(shapes, world=8)
     load = [0] * 8
     for (m, n), owner in zip(shapes, owners):

@@ -198,12 +198,12 @@ def spectrum_test_matrices():
         yield (left * torch.logspace(0, -2, r)) @ right.T * 7.0
 
 
-def test_newton_schulz_singular_values_in_muons_range():
-    # Muon's quintic is tuned for speed, not convergence: it promises singular values roughly
-    # in (0.5, 1.5) rather than at 1.
+def test_newton_schulz_singular_values_in_the_stated_range():
+    # Muon's quintic is tuned for speed, not convergence: normuon.py states [0.5, 1.21] for
+    # directions within two decades of the largest, rather than 1
     for U in spectrum_test_matrices():
         s = torch.linalg.svdvals(orthogonalize(U, "newton_schulz", 5).double())
-        assert 0.5 < s.min() and s.max() < 1.5, (s.min(), s.max())
+        assert 0.5 < s.min() and s.max() < 1.21, (s.min(), s.max())
 
 
 def test_polar_express_singular_values_near_one_and_closer_than_newton_schulz():

@@ -1,0 +1,13 @@
+"""Fixtures shared by the test modules."""
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """The default stdlib corpus, built once per test session into shards of 2M bytes."""
+    from train_gpt import build_stdlib_corpus
+    data_dir = tmp_path_factory.mktemp("stdlib")
+    build_stdlib_corpus(data_dir, shard_tokens=2_000_000)
+    return data_dir
