@@ -20,15 +20,17 @@ Which rank holds what:
 - Each hidden matrix has one owner rank, chosen so that Newton-Schulz FLOPs are balanced. For
   one step the owner also holds the whole matrix's momentum direction U and its orthogonalized O.
 
-A step (the paper's Algorithm 2):
-1. momentum on local rows                                       (no communication)
-2. gather: each rank sends its rows of U to the owner             (bf16; one all-to-all per shape)
-3. the owner orthogonalizes its same-shape matrices as one batch
-4. scatter: the owner sends each rank its rows of O               (bf16; one all-to-all per shape)
-5. second moment and row normalization on local rows               (no communication)
-6. one all-reduce of every matrix's squared Frobenius norms, so that the step size, and so the
-   result, equals the single-device optimizer's for any world size
-7. decay and update on local rows.
+A step (the paper's Algorithm 2), in the step numbers of normuon.py's docstring:
+- steps 1-2 (momentum, U) on local rows                          (no communication)
+- step 3 (O): gather, each rank sending its rows of U to the owner  (bf16; one all-to-all per
+  shape); the owner orthogonalizes its same-shape matrices as one batch; scatter, the owner
+  sending each rank its rows of O                                (bf16; one all-to-all per shape)
+- steps 4-5 (second moment, row normalization) on local rows: a rank holds whole rows, so
+  no communication
+- step 6 needs whole-matrix norms: one all-reduce of every matrix's squared Frobenius norms
+  (normuon.neuron_step gives each rank's share), so that the step size, and so the result,
+  equals the single-device optimizer's for any world size
+- step 7 (decay and update) on local rows.
 Gathers are all issued at once, asynchronously; each shape's scatter is issued as soon as its
 orthogonalization is done, so communication overlaps computation.
 Replicated parameters (plain tensors under DDP) skip the gather: owners orthogonalize, and one
@@ -158,7 +160,7 @@ class DistributedNorMuon(NorMuon):
                 f"of shape {tuple(p.shape)}; expected FSDP2's even split {rows}")
         return Matrix(p, group, state, m, n, self.owner[p], rows, U.reshape(-1, n))
 
-    # -- steps 2-4: gather to owners, orthogonalize, scatter back
+    # -- step 3: gather to owners, orthogonalize, scatter back
 
     def _orthogonalize_by_owner(self, matrices: list[Matrix]) -> None:
         buckets: dict[tuple, list[Matrix]] = {}   # same shape and orthogonalizer: one batch
@@ -262,7 +264,7 @@ class DistributedNorMuon(NorMuon):
                     x.O = whole.view(x.m, x.n).to(dtype)
         return work, finish
 
-    # -- steps 5-7: normalize rows locally, one all-reduce of norms, update
+    # -- steps 4-7: normalize rows locally, one all-reduce of norms, update
 
     def _normalize_and_apply(self, matrices: list[Matrix]) -> None:
         if not matrices:

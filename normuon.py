@@ -8,16 +8,18 @@ arXiv 2510.05491). One file that depends on nothing but torch: copy it into your
     python normuon.py            # 30-second CPU demo: Muon's unequal neuron updates vs NorMuon's
 
 For one hidden weight W (m, n) with gradient G — a >2-D weight is viewed as
-(shape[0], prod(shape[1:])) so that a neuron is an output channel — each step does
+(shape[0], prod(shape[1:])) so that a neuron is an output channel — each step does, in the
+numbered steps that the code's comments (here and in distributed.py) refer to:
 
-    M <- b1*M + (1-b1)*G                        momentum (EMA form)
-    U <- b1*M + (1-b1)*G   (or M)               nesterov
-    O <- orth(U)                                 approximately the polar factor U (U^T U)^(-1/2)
-    v <- b2*v + (1-b2)*mean_columns(O*O)         one second moment per neuron (row)
-    O^ <- O / (sqrt(v) + eps)                    each row by its own RMS
-    W <- W - lr*wd*W - lr_hat*O^                 lr_hat from `adjust_lr`, below
+    1. M <- b1*M + (1-b1)*G                      momentum (EMA form)
+    2. U <- b1*M + (1-b1)*G   (or M)             nesterov
+    3. O <- orth(U)                              approximately the polar factor U (U^T U)^(-1/2)
+    4. v <- b2*v + (1-b2)*mean_columns(O*O)      one second moment per neuron (row)
+    5. O^ <- O / (sqrt(v) + eps)                 each row by its own RMS
+    6. lr_hat from `adjust_lr` (below), using |O^|_F (and |O|_F): whole-matrix norms
+    7. W <- W - lr*wd*W - lr_hat*O^
 
-`algorithm="muon"` skips the two normalization lines (the baseline and the ablation);
+`algorithm="muon"` skips steps 4-5 (the baseline and the ablation);
 `algorithm="adamw"` is plain AdamW, for the parameters that are not hidden matrices.
 Embeddings, the output head, gains, biases and scalars belong there: use `param_groups`.
 
@@ -30,8 +32,10 @@ Options (each a keyword of NorMuon and overridable per param group):
     weight_decay  decoupled: W <- W - lr*wd*W, with the base lr in both modes.
     algorithm     "normuon" (default), "muon" or "adamw".
     momentum      b1 of the momentum EMA (0.95).
-    beta2         b2 of the neuron second moment (0.95).
-    eps           added to sqrt(v) in normuon groups; Adam's eps in adamw groups (1e-8).
+    beta2         b2 of the neuron second moment (0.95): the paper's name. AdamW's two betas
+                  are `betas`, below; they act on other moments, so they are kept apart.
+    eps           added to the square root of a second moment before dividing (1e-8): sqrt(v)
+                  of each neuron in normuon groups, Adam's per coordinate in adamw groups.
     nesterov      orthogonalize the Nesterov look-ahead rather than M (True).
     ns_steps      iterations of the orthogonalizer (5).
     orthogonalizer  "newton_schulz" (Muon's quintic, bf16), "polar_express" (Amsel et al.

@@ -371,9 +371,13 @@ def build_optimizer(model: GPT, cfg: Config, algorithm: str, sharded: bool = Fal
     groups = param_groups(model, head=model.lm_head, algorithm=algorithm, lr=cfg.adam_lr,
                           weight_decay=0.0)
     if sharded:
-        return DistributedNorMuon(groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  compile=compile)
-    return NorMuon(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = DistributedNorMuon(groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                       compile=compile)
+    else:
+        optimizer = NorMuon(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    for group in optimizer.param_groups:   # the schedule scales this (torch's scheduler key)
+        group["initial_lr"] = group["lr"]
+    return optimizer
 
 
 def gradient_sync(model: nn.Module, enabled: bool):
@@ -426,16 +430,32 @@ def evaluate(model: nn.Module, stream: TokenStream, steps: int, world: int,
 
 # ----------------------------------------------------------------------------- checkpoints
 
+@dataclasses.dataclass
+class RunState:
+    """The run's bookkeeping: what a checkpoint saves besides the model, the optimizer and the
+    RNG, and what the summary reports."""
+    step: int = 0                  # optimizer steps taken
+    train_time: float = 0.0        # seconds of training steps (no evaluation, no compile)
+    counted_steps: int = 0         # the steps inside train_time
+    optimizer_time: float = 0.0    # of train_time, in optimizer.step()
+    reached: dict | None = None    # {"step", "train_time_s"} where val loss first hit target
+    stream: dict | None = None     # the training stream's position
+    train_loss: float | None = None
+    val_loss: float | None = None
+
+
 # whole (unsharded) tensors on CPU, so one file serves any world size and parallelism
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def save_checkpoint(path: Path, model: nn.Module, optimizer, extra: dict, rank: int) -> None:
+def save_checkpoint(path: Path, model: nn.Module, optimizer, run: RunState, cfg: Config,
+                    rank: int) -> None:
     """Every rank takes part in gathering the state; rank 0 writes it to a temporary file,
     then renames it: a crash never leaves half a checkpoint."""
     state = {"model": get_model_state_dict(model, options=FULL_STATE),
              "optimizer": get_optimizer_state_dict(model, optimizer, options=FULL_STATE),
-             **extra}
+             "run": dataclasses.asdict(run), "rng_cpu": torch.get_rng_state(),
+             "config": dataclasses.asdict(cfg)}
     if rank == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         temporary = path.with_name(path.name + ".tmp")
@@ -443,11 +463,30 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer, extra: dict, rank: 
         os.replace(temporary, path)
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer) -> dict:
+def read_checkpoint(path: Path) -> dict:
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if "run" not in checkpoint:
+        raise ValueError(f"{path}: not a checkpoint of this train_gpt.py (no run state; an "
+                         f"older version wrote it?)")
+    return checkpoint
+
+
+def load_checkpoint(path: Path, model: nn.Module, optimizer) -> RunState:
+    """Restore model, optimizer and CPU RNG from `path`; return the run's bookkeeping."""
+    checkpoint = read_checkpoint(path)
     set_model_state_dict(model, checkpoint["model"], options=FULL_STATE)
     set_optimizer_state_dict(model, optimizer, checkpoint["optimizer"], options=FULL_STATE)
-    return checkpoint
+    torch.set_rng_state(checkpoint["rng_cpu"])
+    return RunState(**checkpoint["run"])
+
+
+def model_from_checkpoint(path: Path) -> tuple[GPT, Config, RunState]:
+    """The model of a checkpoint (on CPU), its configuration and the run's state at saving."""
+    checkpoint = read_checkpoint(path)
+    cfg = Config(**checkpoint["config"])
+    model = GPT(cfg)
+    model.load_state_dict(checkpoint["model"])
+    return model, cfg, RunState(**checkpoint["run"])
 
 
 def find_checkpoint(path: Path) -> Path:
@@ -462,6 +501,157 @@ def find_checkpoint(path: Path) -> Path:
 
 
 # ----------------------------------------------------------------------------- training loop
+
+def print0(*values) -> None:
+    """Print on rank 0 only, through tqdm so that the progress bar stays whole."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        tqdm.write(" ".join(map(str, values)))
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def accumulation_steps(cfg: Config, world: int) -> int:
+    per_pass = cfg.tokens_per_pass(world)
+    if cfg.tokens_per_step % per_pass:
+        raise ValueError(f"--tokens-per-step {cfg.tokens_per_step} is not a multiple of "
+                         f"world size {world} x micro-batch {cfg.micro_batch} x seq-len "
+                         f"{cfg.seq_len} = {per_pass}; change one of them")
+    return cfg.tokens_per_step // per_pass
+
+
+def train_step(model: nn.Module, wrapped: nn.Module, optimizer, stream: TokenStream,
+               cfg: Config, step: int, accumulation: int, device: torch.device,
+               autocast) -> tuple[float, float, float]:
+    """Gradient accumulation over the micro-steps, then the update at this step's lr.
+    Returns (train loss, seconds, of which in the optimizer)."""
+    synchronize(device)
+    start = time.perf_counter()
+    for micro in range(accumulation):
+        x, y = stream.next_batch(device)
+        with gradient_sync(wrapped, micro == accumulation - 1), autocast:
+            loss = model(x, y) / accumulation
+        loss.backward()
+    for group in optimizer.param_groups:
+        group["lr"] = group["initial_lr"] * lr_factor(step, cfg)
+    synchronize(device)
+    optimizer_start = time.perf_counter()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    train_loss = loss.item() * accumulation
+    synchronize(device)
+    end = time.perf_counter()
+    return train_loss, end - start, end - optimizer_start
+
+
+def train(args, rank: int, world: int, device: torch.device) -> dict:
+    cfg = resolve_config(args, device)
+    accumulation = accumulation_steps(cfg, world)
+    use_compile = args.compile if args.compile is not None else device.type == "cuda"
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                else contextlib.nullcontext())
+    train_files, val_files = prepare_data(cfg, args.data_dir, rank, world)
+    val_steps = evaluation_steps(cfg, val_files, world)
+    val_stream = TokenStream(val_files, cfg.micro_batch, cfg.seq_len, rank, world)
+    stream = TokenStream(train_files, cfg.micro_batch, cfg.seq_len, rank, world)
+
+    # -- model and optimizer
+    torch.manual_seed(args.seed)
+    raw_model = GPT(cfg).to(device)
+    sharded = world > 1 and args.parallel == "fsdp"
+    if sharded:   # every block, then the rest (embeddings, head): rows split over ranks
+        mesh = init_device_mesh(device.type, (world,))
+        for block in raw_model.blocks:
+            fully_shard(block, mesh=mesh)
+        fully_shard(raw_model, mesh=mesh)
+    wrapped = DistributedDataParallel(raw_model) if world > 1 and not sharded else raw_model
+    optimizer = build_optimizer(raw_model, cfg, args.optimizer, sharded, use_compile)
+    model = torch.compile(wrapped) if use_compile else wrapped
+
+    run, resumed_at = RunState(), None
+    if args.resume:
+        path = find_checkpoint(args.resume)
+        run = load_checkpoint(path, raw_model, optimizer)
+        stream.load_state(run.stream)
+        resumed_at = run.step   # the run that saved it evaluated this step (unless stopping)
+        print0(f"resumed from {path} at step {run.step}")
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    parallel = f"{world} ranks ({args.parallel})" if world > 1 else "1 rank"
+    print0(f"{n_params / 1e6:.2f}M parameters, {parallel} on {device}, "
+           f"{cfg.tokens_per_step} tokens/step ({accumulation} accumulation step(s)), "
+           f"optimizer {args.optimizer}, compile {use_compile}")
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    log = open(args.out_dir / "log.jsonl", "a") if rank == 0 else None
+
+    def log_line(record: dict) -> None:
+        if log:
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+
+    stop_at = min(args.stop_at_step or cfg.max_steps, cfg.max_steps)
+    bar = tqdm(total=cfg.max_steps, initial=run.step, disable=rank != 0, dynamic_ncols=True,
+               mininterval=1.0)
+    warmed_up = not use_compile   # a compiling first step is off the clock
+    while True:
+        # -- evaluate (off the clock)
+        due = run.step % cfg.val_every == 0 or run.step == stop_at
+        if due and (run.step != resumed_at or run.step == stop_at):
+            run.val_loss = evaluate(model, val_stream, val_steps, world, device, autocast)
+            if run.reached is None and run.val_loss <= cfg.target_val_loss:
+                run.reached = {"step": run.step, "train_time_s": run.train_time}
+            print0(f"step {run.step}/{cfg.max_steps} val loss {run.val_loss:.4f} "
+                   f"train time {run.train_time:.1f}s")
+            log_line({"kind": "val", "step": run.step, "val_loss": run.val_loss,
+                      "train_loss": run.train_loss, "train_time_s": run.train_time})
+        if run.step == stop_at:
+            break
+        # -- step
+        run.train_loss, seconds, optimizer_seconds = train_step(
+            model, wrapped, optimizer, stream, cfg, run.step, accumulation, device, autocast)
+        if warmed_up:
+            run.train_time += seconds
+            run.optimizer_time += optimizer_seconds
+            run.counted_steps += 1
+        warmed_up = True
+        run.step += 1
+        bar.update(1)
+        tokens_per_s = run.counted_steps * cfg.tokens_per_step / max(run.train_time, 1e-9)
+        bar.set_postfix(loss=f"{run.train_loss:.3f}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
+        # -- checkpoint
+        stopping_early = run.step == stop_at and stop_at < cfg.max_steps
+        if (args.save_every and run.step % args.save_every == 0) or stopping_early:
+            run.stream = stream.state()
+            save_checkpoint(args.out_dir / f"checkpoint_{run.step:06d}.pt", raw_model,
+                            optimizer, run, cfg, rank)
+            if dist.is_initialized():
+                dist.barrier()
+    bar.close()
+
+    if device.type == "cuda":
+        peak_mib = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    summary = {"kind": "summary", "steps": run.step, "finished": run.step == cfg.max_steps,
+               "val_loss": run.val_loss, "train_time_s": run.train_time,
+               "tokens_per_s": run.counted_steps * cfg.tokens_per_step / max(run.train_time, 1e-9),
+               "optimizer_time_s": run.optimizer_time,
+               "optimizer_share": run.optimizer_time / max(run.train_time, 1e-9),
+               "target_val_loss": cfg.target_val_loss,
+               "target_reached_step": run.reached and run.reached["step"],
+               "target_reached_time_s": run.reached and run.reached["train_time_s"],
+               "peak_memory_mib": peak_mib, "optimizer": args.optimizer, "world_size": world,
+               "parallel": args.parallel if world > 1 else None,
+               "device": str(device), "config": dataclasses.asdict(cfg)}
+    log_line(summary)
+    if log:
+        log.close()
+    print0(f"done: {run.step} steps, val loss {run.val_loss:.4f}, "
+           f"{summary['tokens_per_s']:.0f} tokens/s, target {cfg.target_val_loss} reached at "
+           f"step {summary['target_reached_step']}")
+    return summary
+
 
 def main(argv=None) -> dict:
     """Set up the process group (under torchrun), train, tear the group down."""
@@ -485,144 +675,6 @@ def main(argv=None) -> dict:
             gc.collect()
             dist.barrier()
             dist.destroy_process_group()
-
-
-def train(args, rank: int, world: int, device: torch.device) -> dict:
-    print0 = lambda *a: tqdm.write(" ".join(map(str, a))) if rank == 0 else None  # noqa: E731
-
-    cfg = resolve_config(args, device)
-    per_pass = cfg.tokens_per_pass(world)
-    if cfg.tokens_per_step % per_pass:
-        raise ValueError(f"--tokens-per-step {cfg.tokens_per_step} is not a multiple of "
-                         f"world size {world} x micro-batch {cfg.micro_batch} x seq-len "
-                         f"{cfg.seq_len} = {per_pass}; change one of them")
-    accumulation = cfg.tokens_per_step // per_pass
-    use_compile = args.compile if args.compile is not None else device.type == "cuda"
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                else contextlib.nullcontext())
-    train_files, val_files = prepare_data(cfg, args.data_dir, rank, world)
-    val_steps = evaluation_steps(cfg, val_files, world)
-    val_stream = TokenStream(val_files, cfg.micro_batch, cfg.seq_len, rank, world)
-
-    torch.manual_seed(args.seed)
-    raw_model = GPT(cfg).to(device)
-    sharded = world > 1 and args.parallel == "fsdp"
-    if sharded:   # every block, then the rest (embeddings, head): rows split over ranks
-        mesh = init_device_mesh(device.type, (world,))
-        for block in raw_model.blocks:
-            fully_shard(block, mesh=mesh)
-        fully_shard(raw_model, mesh=mesh)
-    wrapped = DistributedDataParallel(raw_model) if world > 1 and not sharded else raw_model
-    optimizer = build_optimizer(raw_model, cfg, args.optimizer, sharded, use_compile)
-    base_lrs = [group["lr"] for group in optimizer.param_groups]
-    model = torch.compile(wrapped) if use_compile else wrapped
-    stream = TokenStream(train_files, cfg.micro_batch, cfg.seq_len, rank, world)
-
-    step, train_time, counted_steps, reached, resumed_at = 0, 0.0, 0, None, None
-    if args.resume:
-        path = find_checkpoint(args.resume)
-        checkpoint = load_checkpoint(path, raw_model, optimizer)
-        stream.load_state(checkpoint["stream"])
-        torch.set_rng_state(checkpoint["rng_cpu"])
-        step, train_time, reached = checkpoint["step"], checkpoint["train_time"], checkpoint["reached"]
-        counted_steps, resumed_at = checkpoint["counted_steps"], step
-        print0(f"resumed from {path} at step {step}")
-
-    n_params = sum(p.numel() for p in raw_model.parameters())
-    parallel = f"{world} ranks ({args.parallel})" if world > 1 else "1 rank"
-    print0(f"{n_params / 1e6:.2f}M parameters, {parallel} on {device}, "
-           f"{cfg.tokens_per_step} tokens/step ({accumulation} accumulation step(s)), "
-           f"optimizer {args.optimizer}, compile {use_compile}")
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    log = open(args.out_dir / "log.jsonl", "a") if rank == 0 else None
-
-    def log_line(record: dict) -> None:
-        if log:
-            log.write(json.dumps(record) + "\n")
-            log.flush()
-
-    resumed_train_time = train_time
-    stop_at = min(args.stop_at_step or cfg.max_steps, cfg.max_steps)
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=rank != 0, dynamic_ncols=True,
-               mininterval=1.0)
-    train_loss, val_loss = None, None
-    optimizer_time = 0.0   # of train_time, this run (not carried across resumes)
-    warmed_up = not use_compile
-    while True:
-        # -- evaluation (not on the clock)
-        due = step % cfg.val_every == 0 or step == stop_at
-        if due and (step != resumed_at or step == stop_at):   # resumed: evaluated before
-            val_loss = evaluate(model, val_stream, val_steps, world, device, autocast)
-            if reached is None and val_loss <= cfg.target_val_loss:
-                reached = {"step": step, "train_time_s": train_time}
-            print0(f"step {step}/{cfg.max_steps} val loss {val_loss:.4f} "
-                   f"train time {train_time:.1f}s")
-            log_line({"kind": "val", "step": step, "val_loss": val_loss,
-                      "train_loss": train_loss, "train_time_s": train_time})
-        if step == stop_at:
-            break
-        # -- one optimizer step
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for micro in range(accumulation):
-            x, y = stream.next_batch(device)
-            with gradient_sync(wrapped, micro == accumulation - 1), autocast:
-                loss = model(x, y) / accumulation
-            loss.backward()
-        for group, base_lr in zip(optimizer.param_groups, base_lrs):
-            group["lr"] = base_lr * lr_factor(step, cfg)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        optimizer_start = time.perf_counter()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        optimizer_seconds = time.perf_counter() - optimizer_start
-        train_loss = loss.item() * accumulation
-        if warmed_up:   # a compiling first step is off the clock
-            train_time += time.perf_counter() - start
-            optimizer_time += optimizer_seconds
-            counted_steps += 1
-        warmed_up = True
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{train_loss:.3f}",
-                        tok_s=f"{counted_steps * cfg.tokens_per_step / max(train_time, 1e-9):.0f}",
-                        refresh=False)
-        # -- checkpoints
-        stopping_early = step == stop_at and stop_at < cfg.max_steps
-        if (args.save_every and step % args.save_every == 0) or stopping_early:
-            save_checkpoint(args.out_dir / f"checkpoint_{step:06d}.pt", raw_model, optimizer, {
-                "step": step, "stream": stream.state(), "rng_cpu": torch.get_rng_state(),
-                "train_time": train_time, "counted_steps": counted_steps, "reached": reached,
-                "config": dataclasses.asdict(cfg)}, rank)
-            if dist.is_initialized():
-                dist.barrier()
-    bar.close()
-
-    if device.type == "cuda":
-        peak_mib = torch.cuda.max_memory_allocated(device) / 2**20
-    else:
-        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    summary = {"kind": "summary", "steps": step, "finished": step == cfg.max_steps,
-               "val_loss": val_loss, "train_time_s": train_time,
-               "tokens_per_s": counted_steps * cfg.tokens_per_step / max(train_time, 1e-9),
-               "optimizer_time_s": optimizer_time,
-               "optimizer_share": optimizer_time / max(train_time - resumed_train_time, 1e-9),
-               "target_val_loss": cfg.target_val_loss,
-               "target_reached_step": reached and reached["step"],
-               "target_reached_time_s": reached and reached["train_time_s"],
-               "peak_memory_mib": peak_mib, "optimizer": args.optimizer, "world_size": world,
-               "parallel": args.parallel if world > 1 else None,
-               "device": str(device), "config": dataclasses.asdict(cfg)}
-    log_line(summary)
-    if log:
-        log.close()
-    print0(f"done: {step} steps, val loss {val_loss:.4f}, {summary['tokens_per_s']:.0f} tokens/s, "
-           f"target {cfg.target_val_loss} reached at step {summary['target_reached_step']}")
-    return summary
 
 
 if __name__ == "__main__":

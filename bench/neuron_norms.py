@@ -44,13 +44,10 @@ def mid_training_checkpoint(args) -> Path:
 
 def matrix_gradients(checkpoint: Path, steps: int, data_dir: Path | None):
     """The chosen matrix's gradients over the next `steps` batches, the model held fixed."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    cfg = train_gpt.Config(**state["config"])
-    model = train_gpt.GPT(cfg)
-    model.load_state_dict(state["model"])
+    model, cfg, run = train_gpt.model_from_checkpoint(checkpoint)
     train_files, _ = train_gpt.find_shards(data_dir or train_gpt.default_data_dir())
     stream = train_gpt.TokenStream(train_files, cfg.micro_batch, cfg.seq_len, 0, 1)
-    stream.load_state(state["stream"])
+    stream.load_state(run.stream)
     layer = cfg.n_layer // 2
     weight = model.blocks[layer].mlp.fc.weight                  # (4D, D): a tall matrix
     grads = []
@@ -59,7 +56,7 @@ def matrix_gradients(checkpoint: Path, steps: int, data_dir: Path | None):
         x, y = stream.next_batch(torch.device("cpu"))
         model(x, y).backward()
         grads.append(weight.grad.detach().clone())
-    return f"blocks.{layer}.mlp.fc.weight {tuple(weight.shape)} at step {state['step']}", grads
+    return f"blocks.{layer}.mlp.fc.weight {tuple(weight.shape)} at step {run.step}", grads
 
 
 def final_updates(grads: list[torch.Tensor]) -> dict[str, torch.Tensor]:
