@@ -6,7 +6,9 @@ the same matrices, and print what each rank communicated and how balanced the ow
 
 The matrices are GPT-2 124M's hidden ones (per layer: qkv, attention out, MLP in, MLP out)
 with every dimension divided by --scale; --layers of them. Gradients are random. Each world
-size runs under torchrun; the median over --repeats steps is reported (after --warmup).
+size runs under torchrun, where the sharded step and the single-device NorMuon (on whole
+copies, same ranks and threads) are stepped in turn for --repeats rounds after --warmup: the
+median and min-max are reported, and the ratio of medians.
 """
 import argparse
 import json
@@ -33,25 +35,22 @@ def gpt2_shapes(layers: int, scale: int) -> list[tuple[int, int]]:
     return hidden_matrix_shapes(layers, 768 // scale)
 
 
-def median_step_seconds(opt, params, repeats: int, warmup: int) -> float:
+def timed_step(opt, params) -> float:
+    """One step with fresh random gradients, every rank starting and ending together."""
     import torch.distributed as dist
-    times = []
-    for i in range(warmup + repeats):
-        for p in params:
-            p.grad = torch.randn_like(p)
-        if dist.is_initialized():
-            dist.barrier()
-        start = time.perf_counter()
-        opt.step()
-        if dist.is_initialized():
-            dist.barrier()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    dist.barrier()
+    start = time.perf_counter()
+    opt.step()
+    dist.barrier()
+    return time.perf_counter() - start
 
 
 def measure(args, world: int) -> dict:
-    """This rank's part: time the sharded step (and, at W = 1, the single-device one)."""
+    """This rank's part: the sharded step and, on the same threads, the single-device NorMuon
+    on whole copies of the matrices (every rank steps its own: what one process would do),
+    stepped in turn round after round after the same warm-up."""
     from torch import nn
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -63,17 +62,20 @@ def measure(args, world: int) -> dict:
     shapes = gpt2_shapes(args.layers, args.scale)
     model = nn.ParameterList(nn.Parameter(torch.randn(m, n) / n ** 0.5) for m, n in shapes)
     fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
-    opt = DistributedNorMuon(model.parameters(), compile=args.compile)
-    seconds = median_step_seconds(opt, list(model.parameters()), args.repeats, args.warmup)
+    plain = [nn.Parameter(torch.randn(m, n) / n ** 0.5) for m, n in shapes]
+    variants = {"sharded": (DistributedNorMuon(model.parameters(), compile=args.compile),
+                            list(model.parameters())),
+                "single_device": (NorMuon(plain), plain)}
+    times = {name: [] for name in variants}
+    for round_ in range(args.warmup + args.repeats):
+        for name, (opt, params) in variants.items():
+            seconds = timed_step(opt, params)
+            if round_ >= args.warmup:
+                times[name].append(seconds)
+    opt = variants["sharded"][0]
     stats = [None] * world
     torch.distributed.all_gather_object(stats, opt.last_step_stats)
-    result = {"world": world, "seconds": seconds, "stats": stats,
-              "flops": opt.ns_flops_per_rank()}
-    if world == 1:
-        plain = [nn.Parameter(torch.randn(m, n)) for m, n in shapes]
-        result["single_device_seconds"] = median_step_seconds(
-            NorMuon(plain), plain, args.repeats, args.warmup)
-    return result
+    return {"world": world, "times": times, "stats": stats, "flops": opt.ns_flops_per_rank()}
 
 
 def worker(args) -> None:
@@ -110,9 +112,8 @@ def main() -> None:
     elements = sum(m * n for m, n in shapes)
     print(f"{len(shapes)} matrices, GPT-2 shapes / {args.scale}, {elements / 1e6:.2f}M "
           f"elements; {os.cpu_count()} CPUs; torch {torch.__version__}")
-    print(f"{'W':>3} {'step ms':>9} {'vs 1-device':>12} {'sent/rank KiB':>14} "
-          f"{'analytic KiB':>13} {'NS max/mean':>12}")
-    single = None
+    print(f"{'W':>3} {'step ms (min-max)':>22} {'1-device ms':>12} {'ratio':>6} "
+          f"{'sent/rank KiB':>14} {'analytic KiB':>13} {'NS max/mean':>12}")
     for world in args.worlds:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "result.json"
@@ -125,15 +126,17 @@ def main() -> None:
             env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // world)))
             subprocess.run(command, check=True, env=env, capture_output=True)
             result = json.loads(out.read_text())
-        single = result.get("single_device_seconds", single)
+        sharded, single = result["times"]["sharded"], result["times"]["single_device"]
         sent = statistics.mean(s["bytes_sent"] for s in result["stats"]) / 1024
         analytic = 4 * elements * (1 - 1 / world) / world / 1024   # 2 + 2 bytes, off-rank
         flops = result["flops"]
-        ratio = f"{result['seconds'] / single:.2f}x" if single else "-"
-        print(f"{world:>3} {result['seconds'] * 1e3:>9.1f} {ratio:>12} {sent:>14.1f} "
-              f"{analytic:>13.1f} {max(flops) / (sum(flops) / len(flops)):>12.3f}")
-    if single:
-        print(f"single-device NorMuon: {single * 1e3:.1f} ms per step")
+        spread = (f"{statistics.median(sharded) * 1e3:.1f} ({min(sharded) * 1e3:.1f}-"
+                  f"{max(sharded) * 1e3:.1f})")
+        ratio = statistics.median(sharded) / statistics.median(single)
+        print(f"{world:>3} {spread:>22} {statistics.median(single) * 1e3:>12.1f} {ratio:>5.2f}x "
+              f"{sent:>14.1f} {analytic:>13.1f} {max(flops) / (sum(flops) / len(flops)):>12.3f}")
+    print("1-device: normuon.NorMuon on whole copies of the matrices, stepped in turn with the "
+          "sharded step on the same ranks and threads")
 
     print("\nowner balance for the full GPT-2 124M (48 matrices), busiest rank / mean NS FLOPs:")
     full = gpt2_shapes(12, 1)

@@ -19,7 +19,8 @@ def test_distributed_step_bench_prints_a_row_per_world_size():
     rows = [line.split() for line in result.stdout.splitlines()]
     table = {row[0]: row for row in rows if row and row[0] in ("1", "2")}
     assert set(table) == {"1", "2"}
-    sent, analytic = float(table["2"][3]), float(table["2"][4])
+    sent, analytic = float(table["2"][5]), float(table["2"][6])
+    assert table["2"][4].endswith("x")                   # sharded / single-device ratio
     assert abs(sent - analytic) <= 0.05 * analytic       # the 2 + 2 bytes per element
     assert "W=8" in result.stdout
 
