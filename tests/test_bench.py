@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -37,7 +38,6 @@ def test_optimizer_step_small_steps_every_variant_in_every_round(tmp_path):
 
 def test_the_limit_does_exactly_the_newton_schulz_flops_of_the_workload():
     """FLOPs counted by torch's FlopCounterMode, against the analytic count per matrix."""
-    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     import optimizer_step
@@ -52,7 +52,6 @@ def test_the_limit_does_exactly_the_newton_schulz_flops_of_the_workload():
 def test_normuon_step_memory_is_bounded_by_one_large_matrix_not_the_bucket():
     """Peak extra memory of a step: within 10% of torch.optim.Muon's (which steps one matrix
     at a time), checked against an independent count of a known allocation pattern first."""
-    import torch
     from torch import nn
 
     import optimizer_step
@@ -152,3 +151,32 @@ def test_steps_to_reach_interpolates_between_evaluations():
     assert compare_optimizers.steps_to_reach(evals, 2.5) == 15.0
     assert compare_optimizers.steps_to_reach(evals, 2.0) == 20.0
     assert compare_optimizers.steps_to_reach(evals, 1.0) is None
+
+
+def test_scaling_quick_combines_each_sizes_own_results(tmp_path, corpus):
+    import scaling
+    rows = scaling.main(["--quick", "--device", "cpu", "--out-dir", str(tmp_path),
+                         "--data-dir", str(corpus)])
+    assert [r["size"] for r in rows] == ["tiny", "small"]
+    table = (tmp_path / "scaling.md").read_text()
+    for row in rows:
+        # the margins in the combined table are those of the size's own compare_optimizers run
+        own = json.loads((tmp_path / row["size"] / "compare_optimizers.json").read_text())
+        assert row["margins"] == own["margins"] and row["best_lr"] == own["best_lr"]
+        mean = own["margins"]["normuon_vs_muon"]["mean"]
+        assert f"| {row['size']} |" in table and f"{mean:.1f} [" in table
+    assert (tmp_path / "scaling.png").stat().st_size > 10_000
+
+
+def test_synthetic_shards_are_valid_gpt2_vocabulary_shards(tmp_path):
+    import synthetic_shards
+    from train_gpt import find_shards, read_shard, read_shard_header
+    synthetic_shards.main([str(tmp_path), "--train-tokens", "30000", "--val-tokens", "5000",
+                           "--shard-tokens", "20000"])
+    train, val = find_shards(tmp_path)
+    assert [read_shard_header(p) for p in train] == [20000, 10000]
+    assert [read_shard_header(p) for p in val] == [5000]
+    tokens = read_shard(train[0]).to(torch.int64)
+    assert tokens.max() < synthetic_shards.GPT2_VOCAB
+    counts = torch.bincount(tokens, minlength=10)
+    assert counts[0] > counts[1] > counts[9]           # Zipf: the first ids are the commonest
