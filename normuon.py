@@ -91,17 +91,26 @@ def _odd_polynomial_iteration(U: Tensor, coefficients, input_scale: float) -> Te
         X = X.mT.contiguous()   # strided views make every matmul copy its input
     X = X / (input_scale * X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     batch_shape, X = X.shape[:-2], X.reshape(-1, *X.shape[-2:])   # (B, r, c), r = min(m, n)
-    # three buffers written in place every iteration: on a CPU, fresh outputs of these sizes
-    # are new pages from the OS each time, and their page faults made X X^T a third slower
     A = X.new_empty(X.shape[0], X.shape[1], X.shape[1])            # (B, r, r)
-    B, X_next = torch.empty_like(A), torch.empty_like(X)
+    X = polynomial_iterations(X, coefficients, (A, torch.empty_like(A), torch.empty_like(X)))
+    X = X.reshape(*batch_shape, *X.shape[-2:])
+    return (X.mT if transposed else X).to(U.dtype, memory_format=torch.contiguous_format)
+
+
+def polynomial_iterations(X: Tensor, coefficients, buffers: tuple[Tensor, Tensor, Tensor]
+                          ) -> Tensor:
+    """The matmuls alone: X <- a*X + (b*A + c*A@A) X, A = X X^T, for X (B, r, c), r <= c, with
+    buffers (A, B, X') of shapes (B, r, r), (B, r, r), (B, r, c). Returns the final X, which is
+    X or X' (the two swap every iteration). Buffers are written in place because on a CPU
+    fresh outputs of these sizes are new pages from the OS each time, and their page faults
+    made X X^T a third slower."""
+    A, B, X_next = buffers
     for a, b, c in coefficients:
         torch.bmm(X, X.mT, out=A)                                  # A = X X^T
         torch.baddbmm(A, A, A, beta=b, alpha=c, out=B)             # B = b*A + c*A@A
         torch.baddbmm(X, B, X, beta=a, out=X_next)                 # X = a*X + B@X
         X, X_next = X_next, X
-    X = X.reshape(*batch_shape, *X.shape[-2:])
-    return (X.mT if transposed else X).to(U.dtype, memory_format=torch.contiguous_format)
+    return X
 
 
 def newton_schulz_flops(m: int, n: int, steps: int = 5) -> int:

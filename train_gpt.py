@@ -443,6 +443,9 @@ class RunState:
     train_loss: float | None = None
     val_loss: float | None = None
 
+    def tokens_per_s(self, tokens_per_step: int) -> float:
+        return self.counted_steps * tokens_per_step / max(self.train_time, 1e-9)
+
 
 # whole (unsharded) tensors on CPU, so one file serves any world size and parallelism
 FULL_STATE = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -617,8 +620,8 @@ def train(args, rank: int, world: int, device: torch.device) -> dict:
         warmed_up = True
         run.step += 1
         bar.update(1)
-        tokens_per_s = run.counted_steps * cfg.tokens_per_step / max(run.train_time, 1e-9)
-        bar.set_postfix(loss=f"{run.train_loss:.3f}", tok_s=f"{tokens_per_s:.0f}", refresh=False)
+        bar.set_postfix(loss=f"{run.train_loss:.3f}",
+                        tok_s=f"{run.tokens_per_s(cfg.tokens_per_step):.0f}", refresh=False)
         # -- checkpoint
         stopping_early = run.step == stop_at and stop_at < cfg.max_steps
         if (args.save_every and run.step % args.save_every == 0) or stopping_early:
@@ -635,7 +638,7 @@ def train(args, rank: int, world: int, device: torch.device) -> dict:
         peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     summary = {"kind": "summary", "steps": run.step, "finished": run.step == cfg.max_steps,
                "val_loss": run.val_loss, "train_time_s": run.train_time,
-               "tokens_per_s": run.counted_steps * cfg.tokens_per_step / max(run.train_time, 1e-9),
+               "tokens_per_s": run.tokens_per_s(cfg.tokens_per_step),
                "optimizer_time_s": run.optimizer_time,
                "optimizer_share": run.optimizer_time / max(run.train_time, 1e-9),
                "target_val_loss": cfg.target_val_loss,

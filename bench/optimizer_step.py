@@ -35,38 +35,31 @@ from torch.utils._pytree import tree_flatten
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from normuon import NEWTON_SCHULZ_COEFFICIENTS, NorMuon, newton_schulz_flops  # noqa: E402
-from train_gpt import hidden_matrix_shapes  # noqa: E402
+from normuon import (NEWTON_SCHULZ_COEFFICIENTS, NorMuon, newton_schulz_flops,  # noqa: E402
+                     polynomial_iterations)
+from train_gpt import hidden_matrix_shapes, synchronize  # noqa: E402
 
 SHAPES = {"gpt2": ("GPT-2 124M", hidden_matrix_shapes(12, 768)),
           "small": ("GPT-2 / 4, 2 layers", hidden_matrix_shapes(2, 192)),
           "1b": ("width 2048, 24 layers (1B class)", hidden_matrix_shapes(24, 2048))}
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 class MatmulLimit:
-    """Newton-Schulz's matmuls alone on the workload's shapes, as a steppable 'optimizer'."""
+    """Newton-Schulz's matmuls alone (normuon.polynomial_iterations) on the workload's shapes,
+    batched as NorMuon batches them, as a steppable 'optimizer'."""
 
     def __init__(self, shapes, device, steps: int = 5):
-        self.steps = steps
-        self.buffers = []
+        self.coefficients = [NEWTON_SCHULZ_COEFFICIENTS] * steps
+        self.batches = []
         for (m, n), count in sorted({s: shapes.count(s) for s in shapes}.items()):
             r, c = min(m, n), max(m, n)
             X = torch.randn(count, r, c, device=device, dtype=torch.bfloat16) / c ** 0.5
-            self.buffers.append((X, torch.empty_like(X), X.new_empty(count, r, r),
-                                 X.new_empty(count, r, r)))        # X, X', A, B
+            A = X.new_empty(count, r, r)
+            self.batches.append((X, (A, torch.empty_like(A), torch.empty_like(X))))
 
     def step(self) -> None:
-        a, b, c = NEWTON_SCHULZ_COEFFICIENTS
-        for X, X_next, A, B in self.buffers:
-            for _ in range(self.steps):
-                torch.bmm(X, X.mT, out=A)                          # (k, r, r)
-                torch.baddbmm(A, A, A, beta=b, alpha=c, out=B)
-                torch.baddbmm(X, B, X, beta=a, out=X_next)         # (k, r, c)
+        for X, buffers in self.batches:
+            polynomial_iterations(X, self.coefficients, buffers)
 
 
 def variants(compile: bool) -> dict:
