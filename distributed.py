@@ -123,6 +123,12 @@ class DistributedNorMuon(NorMuon):
                         f"1-D mesh and replicated plain tensors are supported")
                 if group["algorithm"] == "adamw":
                     self.adamw_state(p)
+                elif group["neuron_axis"] != 0:
+                    raise ValueError(
+                        f"DistributedNorMuon: a param group has neuron_axis="
+                        f"{group['neuron_axis']} (weights stored (in, out), like Hugging "
+                        f"Face's Conv1D); rows are what ranks shard and exchange here, so only "
+                        f"neuron_axis=0 is supported: use nn.Linear layers, or normuon.NorMuon")
                 else:
                     self.matrix_state(p)
                     matrices.append(p)

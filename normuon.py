@@ -21,7 +21,8 @@ numbered steps that the code's comments (here and in distributed.py) refer to:
 
 `algorithm="muon"` skips steps 4-5 (the baseline and the ablation);
 `algorithm="adamw"` is plain AdamW, for the parameters that are not hidden matrices.
-Embeddings, the output head, gains, biases and scalars belong there: use `param_groups`.
+Embeddings, the output head, gains, biases and scalars belong there: use `param_groups`, and
+`print(describe_param_groups(groups))` to see where each parameter went.
 
 Options (each a keyword of NorMuon and overridable per param group):
     lr            learning rate. With adjust_lr="match_rms_adamw" every matrix update has RMS
@@ -43,6 +44,11 @@ Options (each a keyword of NorMuon and overridable per param group):
     adjust_lr     "match_rms_adamw": lr_hat = 0.2*lr*sqrt(m*n)/|O^|_F (the paper's rule).
                   "original": O^ rescaled to |O|_F, then lr_hat = lr*sqrt(max(1, m/n)) (Muon's).
     betas         AdamW's (b1, b2) in adamw groups ((0.9, 0.95)).
+    neuron_axis   the dim of the weight that indexes output neurons (0). nn.Linear and convs
+                  store (out, in, ...): 0. A weight stored (in, out, ...) — Hugging Face's
+                  Conv1D, nn.ConvTranspose — needs 1: it is stepped as its (out, in*...) matrix,
+                  so that output neurons are what steps 4-5 normalize and the "original" shape
+                  factor sees (out, in). param_groups sets it for those layers.
 
 State (momentum_buffer, second_moment, exp_avg, exp_avg_sq) is float32 for bf16/fp16/fp32
 parameters, float64 for float64 ones, and stays so through state_dict()/load_state_dict().
@@ -52,6 +58,8 @@ memory is about 7 bytes per element of that one matrix (torch.optim.Muon's: abou
 """
 import copy
 import math
+import re
+import warnings
 
 import torch
 from torch import Tensor, nn
@@ -218,13 +226,13 @@ def update_scale(O_hat_sq_norm: Tensor, O_sq_norm: Tensor, m: int, n: int,
 
 
 def apply_update(param: Tensor, O_hat: Tensor, sq_norms: Tensor, m: int, n: int, *, lr: float,
-                 weight_decay: float, adjust_lr: str) -> None:
+                 weight_decay: float, adjust_lr: str, neuron_axis: int = 0) -> None:
     """Steps 6-7 for one matrix: W <- W - lr*wd*W - lr*(lr_hat/lr)*O^, where sq_norms (2,) are
-    the whole matrix's (|O^|^2, |O|^2) and param, O^ hold the same rows (all, or a shard's).
-    O^ is scaled in place."""
+    the whole matrix's (|O^|^2, |O|^2) and param, O^ hold the same neurons (all, or a shard's).
+    O^ (neurons, n) is scaled in place."""
     scale = update_scale(sq_norms[0], sq_norms[1], m, n, adjust_lr)
     param.mul_(1 - lr * weight_decay)
-    param.add_(O_hat.mul_(scale).view_as(param), alpha=-lr)
+    param.add_(from_neuron_rows(O_hat.mul_(scale), param.shape, neuron_axis), alpha=-lr)
 
 
 def adamw_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int,
@@ -242,9 +250,23 @@ def adamw_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tenso
     param.add_(exp_avg / denominator, alpha=-lr / bias_correction1)
 
 
-def as_matrix_shape(shape: torch.Size) -> tuple[int, int]:
-    """(out, in, kh, kw) -> (out, in*kh*kw): a neuron is a row, whatever the weight's rank."""
-    return shape[0], math.prod(shape[1:])
+def as_matrix_shape(shape: torch.Size, neuron_axis: int = 0) -> tuple[int, int]:
+    """(m, n) = (neurons, inputs per neuron) of a weight whose output neurons lie along
+    `neuron_axis`: (out, in, kh, kw) -> (out, in*kh*kw); a Conv1D's (in, out), axis 1 -> (out, in).
+    """
+    return shape[neuron_axis], math.prod(shape[:neuron_axis]) * math.prod(shape[neuron_axis + 1:])
+
+
+def to_neuron_rows(X: Tensor, neuron_axis: int) -> Tensor:
+    """X (any layout) as its (m, n) matrix with one neuron per row: a view for axis 0."""
+    m, n = as_matrix_shape(X.shape, neuron_axis)
+    return X.movedim(neuron_axis, 0).reshape(m, n)
+
+
+def from_neuron_rows(O: Tensor, shape: torch.Size, neuron_axis: int) -> Tensor:
+    """The inverse of to_neuron_rows: O (m, n) laid out as a tensor of `shape`."""
+    moved = (shape[neuron_axis], *shape[:neuron_axis], *shape[neuron_axis + 1:])
+    return O.view(moved).movedim(0, neuron_axis)
 
 
 def state_dtype(param: Tensor) -> torch.dtype:
@@ -266,11 +288,11 @@ class NorMuon(torch.optim.Optimizer):
                  algorithm: str = "normuon", momentum: float = 0.95, beta2: float = 0.95,
                  eps: float = 1e-8, nesterov: bool = True, ns_steps: int = 5,
                  orthogonalizer: str = "newton_schulz", adjust_lr: str = "match_rms_adamw",
-                 betas: tuple[float, float] = (0.9, 0.95)):
+                 betas: tuple[float, float] = (0.9, 0.95), neuron_axis: int = 0):
         defaults = dict(lr=lr, weight_decay=weight_decay, algorithm=algorithm,
                         momentum=momentum, beta2=beta2, eps=eps, nesterov=nesterov,
                         ns_steps=ns_steps, orthogonalizer=orthogonalizer, adjust_lr=adjust_lr,
-                        betas=betas)
+                        betas=betas, neuron_axis=neuron_axis)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -281,15 +303,17 @@ class NorMuon(torch.optim.Optimizer):
             self.param_groups.pop()
             raise
 
-    def matrix_state(self, param: Tensor) -> dict:
+    def matrix_state(self, param: Tensor, neuron_axis: int = 0) -> dict:
         state = self.state[param]
         if not state:
             dtype = state_dtype(param)
             momentum = torch.zeros_like(param, dtype=dtype,
                                         memory_format=torch.contiguous_format)
             state["momentum_buffer"] = momentum
-            # (m,) zeros laid out like the rows: a row-sharded parameter gets a sharded v
-            state["second_moment"] = momentum.sum(dim=tuple(range(1, param.ndim)))
+            # (m,) zeros, one per neuron, laid out like them: a row-sharded parameter gets a
+            # sharded v
+            other_dims = tuple(d for d in range(param.ndim) if d != neuron_axis)
+            state["second_moment"] = momentum.sum(dim=other_dims)
         return state
 
     def adamw_state(self, param: Tensor) -> dict:
@@ -336,24 +360,27 @@ class NorMuon(torch.optim.Optimizer):
         buckets: dict[tuple, list[Tensor]] = {}  # same-shape matrices orthogonalize as a batch
         for p in params:
             buckets.setdefault((p.shape, p.device, state_dtype(p)), []).append(p)
+        axis = group["neuron_axis"]
         # (max without default=: that keyword is a graph break under torch.compile)
-        largest = max(working_set(*as_matrix_shape(p.shape)) for p in params)
+        largest = max(working_set(*as_matrix_shape(p.shape, axis)) for p in params)
         for (shape, device, dtype), bucket in buckets.items():
-            size = batch_size(working_set(*as_matrix_shape(shape)), largest, device)
+            size = batch_size(working_set(*as_matrix_shape(shape, axis)), largest, device)
             for start in range(0, len(bucket), size):
                 self._matrix_batch_step(group, bucket[start:start + size], dtype)
 
     def _matrix_batch_step(self, group: dict, batch: list[Tensor], dtype: torch.dtype) -> None:
         """Steps 1-7 for same-shape matrices. (A method of its own so that its temporaries are
         freed before the next batch starts.)"""
-        m, n = as_matrix_shape(batch[0].shape)
-        states = [self.matrix_state(p) for p in batch]
+        axis = group["neuron_axis"]
+        m, n = as_matrix_shape(batch[0].shape, axis)
+        states = [self.matrix_state(p, axis) for p in batch]
         U_dtype = orthogonalizer_dtype(group["orthogonalizer"], dtype)
         # steps 1-2, in the dtype the orthogonalizer reads. (A stack, not U[i] = ... into an
         # empty batch: torch.compile turned that loop into chained scatters, which took a
         # quarter of a compiled step on an H100)
-        U = torch.stack([nesterov_direction(state["momentum_buffer"], p.grad, group["momentum"],
-                                            group["nesterov"]).view(m, n).to(U_dtype)
+        U = torch.stack([to_neuron_rows(nesterov_direction(state["momentum_buffer"], p.grad,
+                                                           group["momentum"], group["nesterov"]
+                                                           ).to(U_dtype), axis)
                          for p, state in zip(batch, states)])                    # (k, m, n)
         O = orthogonalize(U, group["orthogonalizer"], group["ns_steps"])           # step 3
         del U   # before O's copy in the state dtype: the step's peak memory is lower
@@ -365,7 +392,15 @@ class NorMuon(torch.optim.Optimizer):
         for i, (p, state) in enumerate(zip(batch, states)):                 # steps 6-7
             state["second_moment"].copy_(second_moments[i])
             apply_update(p, O_hat[i], sq_norms[i], m, n, lr=float(group["lr"]),
-                         weight_decay=group["weight_decay"], adjust_lr=group["adjust_lr"])
+                         weight_decay=group["weight_decay"], adjust_lr=group["adjust_lr"],
+                         neuron_axis=axis)
+
+    def __setstate__(self, state: dict) -> None:
+        """Groups saved before an option existed get its default (torch.optim's habit)."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch.optim casts loaded state to each parameter's dtype, which would round our
@@ -428,6 +463,9 @@ def check_param_group(group: dict, index: int) -> None:
     betas = group["betas"]
     require(len(betas) == 2 and all(0 <= b < 1 for b in betas),
             f"betas must be two numbers in [0, 1), got {betas}")
+    axis = group["neuron_axis"]
+    require(isinstance(axis, int) and axis >= 0,
+            f"neuron_axis must be an integer >= 0 (the dim of the output neurons), got {axis!r}")
     names = group.get("param_names") or [None] * len(group["params"])
     for p, name in zip(group["params"], names):
         label = f"parameter {name!r}" if name else "a parameter"
@@ -437,27 +475,97 @@ def check_param_group(group: dict, index: int) -> None:
                 f"algorithm={algorithm!r} orthogonalizes matrices, but {label} has shape "
                 f"{tuple(p.shape)}; put parameters with fewer than 2 dims (gains, biases, "
                 f"scalars) in a group with algorithm='adamw' (normuon.param_groups does this)")
+        require(algorithm == "adamw" or axis < p.ndim,
+                f"neuron_axis={axis} but {label} has shape {tuple(p.shape)}; the output "
+                f"neurons must lie along one of its dims (0 for nn.Linear's (out, in))")
 
 
 # ----------------------------------------------------------------------------- param groups
 
-HEAD_NAMES = ("lm_head", "head", "output", "classifier", "fc_out")
+# The output layer's conventional names, looked for among the model's children only: deeper
+# in, the same names are hidden layers (BERT's attention.output.dense, a block's mlp.fc).
+HEAD_NAMES = ("lm_head", "head", "heads", "output", "classifier", "score", "qa_outputs", "fc",
+              "fc_out")
+CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)                       # weight (out, in, k...)
+TRANSPOSED_CONVOLUTIONS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)  # (in, out, k...)
+ATTENTION_PROJECTIONS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+
+def neuron_axis_of(module: nn.Module, name: str) -> int | None:
+    """If `module`'s own parameter `name` is the weight of a linear or convolution layer (a
+    hidden matrix, unless it is the head), the axis of its output neurons; else None."""
+    if isinstance(module, (nn.Linear, *CONVOLUTIONS)):
+        return 0 if name == "weight" else None
+    if isinstance(module, TRANSPOSED_CONVOLUTIONS):
+        return 1 if name == "weight" else None
+    if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
+        return 1 if name == "weight" else None   # Hugging Face's GPT-2-family linear, (in, out)
+    if isinstance(module, nn.MultiheadAttention):
+        return 0 if name in ATTENTION_PROJECTIONS else None     # its out_proj is an nn.Linear
+    if isinstance(module, nn.RNNBase):
+        return 0 if name.startswith("weight_") else None        # weight_ih_l0, weight_hh_l0, ...
+    return None
+
+
+def find_head(model: nn.Module) -> list[nn.Module]:
+    """The model's output layer: what its own accessor returns (Hugging Face's
+    get_output_embeddings(), timm's get_classifier()), else its children with a conventional
+    head name. Empty when neither finds a layer with parameters."""
+    for accessor in ("get_output_embeddings", "get_classifier"):
+        method = getattr(model, accessor, None)
+        try:
+            head = method() if callable(method) else None
+        except NotImplementedError:
+            head = None
+        if isinstance(head, nn.Module) and any(True for _ in head.parameters()):
+            return [head]
+    return [child for name, child in model.named_children()
+            if name in HEAD_NAMES and any(True for _ in child.parameters())]
+
+
+def no_decay_names(model: nn.Module) -> set[str]:
+    """Parameter names that the model exempts from weight decay itself: what any of its modules
+    lists in no_weight_decay() (timm's convention), and parameters flagged _no_weight_decay
+    (Mamba's)."""
+    names = {name for name, p in model.named_parameters() if getattr(p, "_no_weight_decay", False)}
+    for prefix, module in model.named_modules():
+        listed = getattr(module, "no_weight_decay", None)
+        if callable(listed):
+            names.update(f"{prefix}.{name}" if prefix else name for name in listed())
+    return names
 
 
 def param_groups(model: nn.Module, head=None, algorithm: str = "normuon",
                  **adamw_options) -> list[dict]:
-    """Split a model's trainable parameters into the two kinds of groups NorMuon wants.
+    """Split a model's trainable parameters into the groups NorMuon wants.
 
-    Hidden matrices (>= 2 dims: linear weights, conv kernels) -> `algorithm` ("normuon").
-    Everything else -> "adamw": every nn.Embedding / nn.EmbeddingBag weight, the output head,
-    and every parameter with fewer than 2 dims. The head is `head` — a module, a parameter, a
-    (module or parameter) name, or a list of these — or by default any submodule named one of
-    HEAD_NAMES. Shape alone cannot decide: embeddings and the head are matrices too.
-    `adamw_options` (lr=..., weight_decay=..., betas=...) go into the adamw group only.
-    Parameters keep their names, so errors and state_dict() can say which is which.
+    Hidden matrices -> `algorithm` ("normuon"): the weights of nn.Linear, nn.Conv*d and
+    nn.ConvTranspose*d, Hugging Face's Conv1D (recognised by name, without importing
+    transformers), and the projections of nn.MultiheadAttention and RNNs. Weights stored
+    (in, out) — Conv1D, ConvTranspose — get a group of their own with neuron_axis=1, so that
+    their output neurons are the ones normalized.
+    Everything else -> "adamw": embeddings, the head, free parameters (ViT's cls token and
+    position embeddings, Mamba's A_log, bias tables), gains, biases and scalars. Gains, biases,
+    scalars and what the model lists in no_weight_decay() form an adamw group with
+    weight_decay=0; the others keep the usual decay.
+
+    The head is `head` — a module, a parameter, a (module or parameter) name, a list of these,
+    or () for a model without one — or by default what find_head() finds; if it finds none, a
+    warning says so. Shape alone cannot decide: embeddings and the head are matrices too.
+    `adamw_options` (lr=..., weight_decay=..., betas=...) go into the adamw groups only.
+    Parameters keep their names; describe_param_groups() prints where each went.
     """
     modules = dict(model.named_modules())
-    heads = head if isinstance(head, (list, tuple)) else [head] if head is not None else []
+    if head is None:
+        heads = find_head(model)
+        if not heads:
+            warnings.warn(
+                f"param_groups: found no output head in {type(model).__name__} (no "
+                f"get_output_embeddings()/get_classifier(), no child named one of {HEAD_NAMES}),"
+                f" so every linear layer is treated as hidden; pass head=<module or name> if the "
+                f"model has an output layer, or head=() if it has none", stacklevel=2)
+    else:
+        heads = head if isinstance(head, (list, tuple)) else [head]
     adamw_ids = set()
     for item in heads:
         if isinstance(item, str) and item not in modules:
@@ -465,19 +573,58 @@ def param_groups(model: nn.Module, head=None, algorithm: str = "normuon",
         elif isinstance(item, str):
             item = modules[item]
         adamw_ids.update(map(id, item.parameters() if isinstance(item, nn.Module) else [item]))
-    for name, module in modules.items():
-        is_default_head = head is None and name.rsplit(".", 1)[-1] in HEAD_NAMES
-        if is_default_head or isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+    axes = {}   # id -> neuron axis, for hidden matrices
+    for module in modules.values():
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):   # also when tied to a Linear
             adamw_ids.update(map(id, module.parameters()))
+        for name, p in module.named_parameters(recurse=False):
+            axis = neuron_axis_of(module, name)
+            if axis is not None and p.ndim >= 2:
+                axes.setdefault(id(p), axis)
+    exempt = no_decay_names(model)
 
-    matrices, others = [], []
+    matrices, decay, no_decay = {}, [], []
     for name, p in model.named_parameters():   # shared (tied) parameters are listed once
-        if p.requires_grad:
-            is_matrix = p.ndim >= 2 and id(p) not in adamw_ids
-            (matrices if is_matrix else others).append((name, p))
-    groups = [{"params": matrices, "algorithm": algorithm},
-              {"params": others, "algorithm": "adamw", **adamw_options}]
+        if not p.requires_grad:
+            continue
+        if id(p) in axes and id(p) not in adamw_ids:
+            matrices.setdefault(axes[id(p)], []).append((name, p))
+        elif p.ndim < 2 or name in exempt:
+            no_decay.append((name, p))
+        else:
+            decay.append((name, p))
+    groups = [{"params": params, "algorithm": algorithm, "neuron_axis": axis}
+              for axis, params in sorted(matrices.items())]
+    groups.append({"params": decay, "algorithm": "adamw", **adamw_options})
+    groups.append({"params": no_decay, "algorithm": "adamw", **adamw_options, "weight_decay": 0.0})
     return [g for g in groups if g["params"]]
+
+
+def describe_param_groups(groups: list[dict]) -> str:
+    """One line per group — its algorithm and settings, how many tensors and elements, and
+    their names with layer indices folded (h.*.attn.c_attn.weight) — to check at a glance that
+    a model is routed as expected: print(describe_param_groups(param_groups(model))). Takes
+    param_groups()'s output or an optimizer's param_groups."""
+    lines = []
+    for index, group in enumerate(groups):
+        entries = list(group["params"])
+        if entries and isinstance(entries[0], tuple):      # (name, parameter) pairs
+            names, params = [e[0] for e in entries], [e[1] for e in entries]
+        else:
+            params = entries
+            names = group.get("param_names") or [f"<{tuple(p.shape)}>" for p in params]
+        settings = [group.get("algorithm", "normuon")]
+        if group.get("neuron_axis", 0) != 0:
+            settings.append(f"neurons on dim {group['neuron_axis']}")
+        if "weight_decay" in group:
+            settings.append(f"weight_decay={group['weight_decay']}")
+        folded = list(dict.fromkeys(re.sub(r"\.\d+(?=\.|$)", ".*", name) for name in names))
+        shown = ", ".join(folded[:8]) + (f", ... ({len(folded) - 8} more)" if len(folded) > 8
+                                          else "")
+        elements = sum(p.numel() for p in params)
+        lines.append(f"group {index} ({', '.join(settings)}): {len(params)} tensors, "
+                     f"{elements:,} elements: {shown}")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- demo

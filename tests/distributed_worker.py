@@ -244,6 +244,21 @@ def scenario_compile(world, rank, mesh):
     return dict(error=error, recompiled=recompiled)
 
 
+def scenario_refusals(world, rank, mesh):
+    """Parameters DistributedNorMuon cannot step are refused at construction, on every rank:
+    returns each case's error message (or None if it was accepted)."""
+    def message(make):
+        try:
+            make()
+        except ValueError as error:
+            return str(error)
+        return None
+
+    transposed = sharded(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 4)), mesh)
+    return dict(neuron_axis=message(lambda: DistributedNorMuon(
+        [{"params": list(transposed.parameters())[::2], "neuron_axis": 1}])))
+
+
 def main():
     scenario, out_dir = sys.argv[1], Path(sys.argv[2])
     dist.init_process_group("gloo")

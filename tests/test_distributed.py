@@ -28,6 +28,12 @@ def launch(scenario: str, world: int, out_dir: Path):
     return json.loads((out_dir / f"{scenario}_w{world}.json").read_text())
 
 
+def test_parameters_it_cannot_step_are_refused_at_construction(tmp_path):
+    refused = launch("refusals", 2, tmp_path)
+    assert "neuron_axis=1" in refused["neuron_axis"]
+    assert "normuon.NorMuon" in refused["neuron_axis"]
+
+
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_parity_with_single_device_optimizer(world, tmp_path):
     for run in launch("parity", world, tmp_path):

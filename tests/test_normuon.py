@@ -252,6 +252,50 @@ def test_conv_weight_is_normalized_per_output_channel(adjust_lr):
     torch.testing.assert_close(conv.detach().reshape(64, 36), flat.detach(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("adjust_lr", ["match_rms_adamw", "original"])
+@pytest.mark.parametrize("stored", [(12, 40), (12, 40, 3)], ids=["in_out", "in_out_k"])
+def test_weight_stored_in_out_steps_as_its_neuron_matrix(stored, adjust_lr):
+    # A weight stored (in, out, ...) with neuron_axis=1 (Conv1D, ConvTranspose) is the plain
+    # reference's (out, in*k) matrix, moved back: rows there are the output neurons.
+    hyper = dict(algorithm="normuon", lr=0.05, weight_decay=0.1, momentum=0.9, beta2=0.95,
+                 eps=1e-8, nesterov=True, adjust_lr=adjust_lr)
+    W0 = torch.randn(stored, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    grads = random_grads([stored], steps=4)
+
+    def neuron_rows(X):
+        return X.movedim(1, 0).reshape(X.shape[1], -1)
+
+    expected = reference_run(neuron_rows(W0), [neuron_rows(g[0]) for g in grads], **hyper)
+    W = nn.Parameter(W0.clone())
+    opt = run_optimizer([W], grads, lambda ps: NorMuon(ps, orthogonalizer="svd", neuron_axis=1,
+                                                       **hyper))
+    assert opt.state[W]["second_moment"].shape == (40,)
+    torch.testing.assert_close(neuron_rows(W.detach()) - neuron_rows(W0),
+                               expected - neuron_rows(W0), rtol=1e-9, atol=1e-12)
+
+
+def test_neuron_axis_outside_the_weight_is_refused_naming_it():
+    W = nn.Parameter(torch.randn(4, 6))
+    with pytest.raises(ValueError, match=r"neuron_axis=2 but a parameter has shape \(4, 6\)"):
+        NorMuon([W], neuron_axis=2)
+    with pytest.raises(ValueError, match="neuron_axis must be an integer >= 0"):
+        NorMuon([W], neuron_axis=-1)
+
+
+def test_state_dict_saved_before_neuron_axis_existed_still_loads():
+    W = nn.Parameter(torch.randn(6, 4))
+    opt = NorMuon([W])
+    W.grad = torch.randn(6, 4)
+    opt.step()
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        del group["neuron_axis"]
+    resumed = NorMuon([W])
+    resumed.load_state_dict(saved)
+    assert resumed.param_groups[0]["neuron_axis"] == 0
+    resumed.step()
+
+
 # ----------------------------------------------------------------------------- dtypes, state
 
 def small_model(dtype):
@@ -421,42 +465,6 @@ def test_lr_scheduler_drives_the_step_size():
         schedule.step()
         rms = (W.detach() - before).square().mean().sqrt().item()
         assert abs(rms - 0.2 * 0.04 * 0.5 ** step) < 1e-12
-
-
-class TinyLM(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.embed = nn.Embedding(32, 16)
-        self.block = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16))
-        self.conv = nn.Conv1d(16, 16, 3)
-        self.norm = nn.RMSNorm(16)
-        self.lm_head = nn.Linear(16, 32, bias=False)
-
-
-def test_param_groups_routes_embeddings_head_and_vectors_to_adamw():
-    model = TinyLM()
-    groups = param_groups(model, lr=3e-3)
-    hidden, adamw = groups
-    assert hidden["algorithm"] == "normuon" and adamw["algorithm"] == "adamw"
-    assert adamw["lr"] == 3e-3 and "lr" not in hidden
-    assert {n for n, _ in hidden["params"]} == {
-        "block.0.weight", "block.2.weight", "conv.weight"}
-    assert {n for n, _ in adamw["params"]} == {
-        "embed.weight", "block.0.bias", "block.2.bias", "conv.bias", "norm.weight",
-        "lm_head.weight"}
-    NorMuon(groups)   # and the optimizer accepts them
-
-
-def test_param_groups_takes_an_explicit_head_and_skips_frozen_parameters():
-    model = TinyLM()
-    model.block[0].weight.requires_grad_(False)
-    hidden, adamw = param_groups(model, head=["block.2", model.conv.weight])
-    assert {n for n, _ in hidden["params"]} == {"lm_head.weight"}
-    assert {"block.2.weight", "conv.weight"} <= {n for n, _ in adamw["params"]}
-    all_names = {n for g in (hidden, adamw) for n, _ in g["params"]}
-    assert "block.0.weight" not in all_names
-    with pytest.raises(AttributeError, match="no_such_layer"):
-        param_groups(model, head="no_such_layer")
 
 
 def test_demo_shows_muons_unequal_neurons_and_normuons_equal_ones():
