@@ -44,8 +44,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Shard
 
-from normuon import (NorMuon, apply_update, as_matrix_shape, nesterov_direction, neuron_step,
-                     newton_schulz_flops, orthogonalize, orthogonalizer_dtype)
+from normuon import (NorMuon, apply_update, as_matrix_shape, learning_rate, nesterov_direction,
+                     neuron_step, newton_schulz_flops, orthogonalize, orthogonalizer_dtype)
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -295,5 +295,5 @@ class DistributedNorMuon(NorMuon):
             self.last_step_stats["bytes_received"] += payload
         for x, O_hat, sq in zip(matrices, O_hats, sq_norms):
             g = x.group
-            apply_update(local(x.param), O_hat, sq, x.m, x.n, lr=float(g["lr"]),
+            apply_update(local(x.param), O_hat, sq, x.m, x.n, lr=learning_rate(g),
                          weight_decay=g["weight_decay"], adjust_lr=g["adjust_lr"])

@@ -3,7 +3,7 @@ running second moment (Li et al. 2025, "NorMuon: Making Muon more efficient and 
 arXiv 2510.05491). One file that depends on nothing but torch: copy it into your project.
 
     from normuon import NorMuon, param_groups
-    opt = NorMuon(param_groups(model), lr=1e-3, weight_decay=0.1)   # AdamW-scale lr
+    opt = NorMuon(param_groups(model), lr=4e-3, weight_decay=0.1)   # 2-4x AdamW's lr
 
     python normuon.py            # 30-second CPU demo: Muon's unequal neuron updates vs NorMuon's
 
@@ -25,11 +25,12 @@ Embeddings, the output head, gains, biases and scalars belong there: use `param_
 `print(describe_param_groups(groups))` to see where each parameter went.
 
 Options (each a keyword of NorMuon and overridable per param group):
-    lr            learning rate. With adjust_lr="match_rms_adamw" every matrix update has RMS
-                  0.2*lr, like AdamW's, so AdamW's lr and weight decay are the place to start
-                  (the default 1e-3 is AdamW's). Then sweep upwards: on the tiny GPT of this
-                  project's bench/ the best NorMuon lr was 4x AdamW's best (8e-3 vs 2e-3).
-                  With adjust_lr="original" use Muon's scale, about 0.02.
+    lr            learning rate: a float, or a 1-element tensor (then a compiled step does not
+                  recompile when a scheduler changes it). With adjust_lr="match_rms_adamw"
+                  every matrix update has RMS 0.2*lr, like AdamW's: keep AdamW's weight decay
+                  and start at 2-4x the lr you would give AdamW (on this project's tiny GPT,
+                  AdamW was best at 2e-3 and NorMuon at 8e-3; at 2e-3 it was barely better
+                  than AdamW). With adjust_lr="original" use Muon's scale, about 0.02.
     weight_decay  decoupled: W <- W - lr*wd*W, with the base lr in both modes.
     algorithm     "normuon" (default), "muon" or "adamw".
     momentum      b1 of the momentum EMA (0.95).
@@ -52,6 +53,8 @@ Options (each a keyword of NorMuon and overridable per param group):
 
 State (momentum_buffer, second_moment, exp_avg, exp_avg_sq) is float32 for bf16/fp16/fp32
 parameters, float64 for float64 ones, and stays so through state_dict()/load_state_dict().
+A NaN or inf in a gradient makes that parameter non-finite and no other, as in torch.optim,
+with every orthogonalizer; a matrix with a zero-size dim steps as nothing.
 Same-shape matrices are orthogonalized as one batch: on a GPU the whole bucket (fewer kernel
 launches); on a CPU a batch no bigger than the step's largest matrix, so that a step's extra
 memory is about 7 bytes per element of that one matrix (torch.optim.Muon's: about 9).
@@ -94,15 +97,28 @@ def _odd_polynomial_iteration(U: Tensor, coefficients, input_scale: float) -> Te
     owner, and what NorMuon builds: see orthogonalizer_dtype) gives exactly the same result.
     Returns O in U's dtype."""
     X = U.bfloat16()
+    scale = power_of_two_scale(X)
     transposed = X.size(-2) > X.size(-1)
     if transposed:  # work on the small Gram matrix (rows <= cols), laid out contiguously:
-        X = X.mT.contiguous()   # strided views make every matmul copy its input
-    X = X / (input_scale * X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+        X = X.mT.contiguous().mul_(scale)   # strided views make every matmul copy its input
+    else:
+        X = X * scale
+    X.div_(input_scale * X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
     batch_shape, X = X.shape[:-2], X.reshape(-1, *X.shape[-2:])   # (B, r, c), r = min(m, n)
     A = X.new_empty(X.shape[0], X.shape[1], X.shape[1])            # (B, r, r)
     X = polynomial_iterations(X, coefficients, (A, torch.empty_like(A), torch.empty_like(X)))
     X = X.reshape(*batch_shape, *X.shape[-2:])
     return (X.mT if transposed else X).to(U.dtype, memory_format=torch.contiguous_format)
+
+
+def power_of_two_scale(X: Tensor) -> Tensor:
+    """2^-k (..., 1, 1), in X's dtype, that brings the largest |x| of each matrix of X into
+    [1, 2). Multiplying by it is exact, and it makes the orthogonalizer scale-free: without it
+    |X|_F overflows float32 above 1.8e19, and a tiny X loses out to the 1e-7 that guards 0/0.
+    A NaN or inf in X gives a NaN scale or result: non-finite input stays non-finite."""
+    largest = torch.linalg.vector_norm(X, ord=math.inf, dim=(-2, -1), keepdim=True).float()
+    exponent = torch.floor(torch.log2(largest)).clamp(-126, 126)   # 0 -> -inf -> -126
+    return torch.exp2(-exponent).to(X.dtype)
 
 
 def polynomial_iterations(X: Tensor, coefficients, buffers: tuple[Tensor, Tensor, Tensor]
@@ -144,11 +160,16 @@ def svd_polar(U: Tensor) -> Tensor:
 
     Singular values below max(m, n)*eps_fp32*s_max count as zero and their directions are
     dropped, as Newton-Schulz drops them; otherwise a rank-deficient U has no unique factor.
+    A matrix with a NaN or inf gives all NaN.
     """
-    left, S, right_h = torch.linalg.svd(U.double(), full_matrices=False)
+    finite = torch.isfinite(U).all(dim=-1, keepdim=True).all(dim=-2, keepdim=True)
+    left, S, right_h = torch.linalg.svd(torch.where(finite, U.double(), 0.0),
+                                        full_matrices=False)
     cutoff = max(U.shape[-2:]) * torch.finfo(torch.float32).eps * S[..., :1]  # S descends
     keep = (S > cutoff).double()
-    return ((left * keep.unsqueeze(-2)) @ right_h).to(U.dtype)
+    polar = (left * keep.unsqueeze(-2)) @ right_h
+    # a NaN/inf makes LAPACK raise mid-step; give NaN instead, as Newton-Schulz does
+    return torch.where(finite, polar, math.nan).to(U.dtype)
 
 
 def orthogonalize(U: Tensor, orthogonalizer: str = "newton_schulz", steps: int = 5) -> Tensor:
@@ -225,18 +246,19 @@ def update_scale(O_hat_sq_norm: Tensor, O_sq_norm: Tensor, m: int, n: int,
     raise ValueError(f"unknown adjust_lr {adjust_lr!r}; choose one of {ADJUST_LR}")
 
 
-def apply_update(param: Tensor, O_hat: Tensor, sq_norms: Tensor, m: int, n: int, *, lr: float,
-                 weight_decay: float, adjust_lr: str, neuron_axis: int = 0) -> None:
+def apply_update(param: Tensor, O_hat: Tensor, sq_norms: Tensor, m: int, n: int, *,
+                 lr: float | Tensor, weight_decay: float, adjust_lr: str,
+                 neuron_axis: int = 0) -> None:
     """Steps 6-7 for one matrix: W <- W - lr*wd*W - lr*(lr_hat/lr)*O^, where sq_norms (2,) are
     the whole matrix's (|O^|^2, |O|^2) and param, O^ hold the same neurons (all, or a shard's).
     O^ (neurons, n) is scaled in place."""
     scale = update_scale(sq_norms[0], sq_norms[1], m, n, adjust_lr)
     param.mul_(1 - lr * weight_decay)
-    param.add_(from_neuron_rows(O_hat.mul_(scale), param.shape, neuron_axis), alpha=-lr)
+    param.sub_(from_neuron_rows(O_hat.mul_(scale * lr), param.shape, neuron_axis))
 
 
 def adamw_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int,
-                 *, lr: float, betas: tuple[float, float], eps: float,
+                 *, lr: float | Tensor, betas: tuple[float, float], eps: float,
                  weight_decay: float) -> None:
     """One AdamW step in place (the math of torch.optim.AdamW); step counts from 1."""
     beta1, beta2 = betas
@@ -247,7 +269,7 @@ def adamw_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tenso
     bias_correction2 = 1 - beta2 ** step
     denominator = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
     param.mul_(1 - lr * weight_decay)
-    param.add_(exp_avg / denominator, alpha=-lr / bias_correction1)
+    param.sub_((exp_avg / denominator).mul_(lr / bias_correction1))
 
 
 def as_matrix_shape(shape: torch.Size, neuron_axis: int = 0) -> tuple[int, int]:
@@ -267,6 +289,14 @@ def from_neuron_rows(O: Tensor, shape: torch.Size, neuron_axis: int) -> Tensor:
     """The inverse of to_neuron_rows: O (m, n) laid out as a tensor of `shape`."""
     moved = (shape[neuron_axis], *shape[:neuron_axis], *shape[neuron_axis + 1:])
     return O.view(moved).movedim(0, neuron_axis)
+
+
+def learning_rate(group: dict) -> float | Tensor:
+    """The group's lr: a float, or a 1-element tensor as a 0-dim one (torch recommends a tensor
+    lr for compiled steps: changing its value never recompiles; a 0-dim CPU tensor also
+    combines with parameters on any device)."""
+    lr = group["lr"]
+    return lr.reshape(()) if isinstance(lr, Tensor) else lr
 
 
 def state_dtype(param: Tensor) -> torch.dtype:
@@ -347,7 +377,7 @@ class NorMuon(torch.optim.Optimizer):
             state = self.adamw_state(p)
             state["step"] += 1
             adamw_update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
-                         lr=float(group["lr"]), betas=group["betas"], eps=group["eps"],
+                         lr=learning_rate(group), betas=group["betas"], eps=group["eps"],
                          weight_decay=group["weight_decay"])
 
     def _matrix_steps(self, matrix_groups: list[tuple[dict, list[Tensor]]]) -> None:
@@ -355,6 +385,9 @@ class NorMuon(torch.optim.Optimizer):
             self._matrix_step(group, params)
 
     def _matrix_step(self, group: dict, params: list[Tensor]) -> None:
+        for p in params:   # state for every matrix, also empty ones (state_dict lists them)
+            self.matrix_state(p, group["neuron_axis"])
+        params = [p for p in params if p.numel() > 0]   # (0, n), (m, 0): nothing to update
         if not params:
             return
         buckets: dict[tuple, list[Tensor]] = {}  # same-shape matrices orthogonalize as a batch
@@ -391,7 +424,7 @@ class NorMuon(torch.optim.Optimizer):
                                       adjust_lr=group["adjust_lr"])         # steps 4-5
         for i, (p, state) in enumerate(zip(batch, states)):                 # steps 6-7
             state["second_moment"].copy_(second_moments[i])
-            apply_update(p, O_hat[i], sq_norms[i], m, n, lr=float(group["lr"]),
+            apply_update(p, O_hat[i], sq_norms[i], m, n, lr=learning_rate(group),
                          weight_decay=group["weight_decay"], adjust_lr=group["adjust_lr"],
                          neuron_axis=axis)
 
@@ -453,7 +486,11 @@ def check_param_group(group: dict, index: int) -> None:
             f"unknown orthogonalizer {group['orthogonalizer']!r}; choose one of {ORTHOGONALIZERS}")
     require(group["adjust_lr"] in ADJUST_LR,
             f"unknown adjust_lr {group['adjust_lr']!r}; choose one of {ADJUST_LR}")
-    require(group["lr"] >= 0, f"lr must be >= 0, got {group['lr']}")
+    lr = group["lr"]
+    if isinstance(lr, Tensor):
+        require(lr.numel() == 1, f"Tensor lr must be 1-element (like torch.tensor(1e-3)), got "
+                f"shape {tuple(lr.shape)}")
+    require(lr >= 0, f"lr must be >= 0, got {lr}")
     require(group["weight_decay"] >= 0, f"weight_decay must be >= 0, got {group['weight_decay']}")
     require(0 <= group["momentum"] < 1, f"momentum must be in [0, 1), got {group['momentum']}")
     require(0 <= group["beta2"] < 1, f"beta2 must be in [0, 1), got {group['beta2']}")
