@@ -9,8 +9,10 @@
     opt = DistributedNorMuon(param_groups(model), lr=1e-3, weight_decay=0.1)
 
 The same constructor, param-group keys and algorithms as `normuon.NorMuon`, plus
-`process_group` (default: the default group) and `compile` (default: on for CUDA). The math is
-normuon.py's; this file only moves rows between ranks.
+`process_group` (default: the default group; it must hold the ranks of the parameters' mesh)
+and `compile` (default: on for CUDA). The math is normuon.py's; this file only moves rows
+between ranks. Parameters it cannot step are refused at construction, naming them: other
+placements than the two below, a mesh other than the process group, neuron_axis != 0.
 
 Which rank holds what:
 - Every rank holds its rows of each FSDP2 parameter (DTensor, Shard(0): a contiguous block of
@@ -35,6 +37,26 @@ Gathers are all issued at once, asynchronously; each shape's scatter is issued a
 orthogonalization is done, so communication overlaps computation.
 Replicated parameters (plain tensors under DDP) skip the gather: owners orthogonalize, and one
 all-gather per shape shares the results.
+
+Before any of this, one all-reduce of a (ranks, matrices) table of 0/1 says which rank has a
+gradient for which matrix. If the ranks disagree (a rank-local skip, a bug in user code), the
+exchanges above would abort (gloo) or hang (NCCL); instead every rank raises the same error,
+naming the parameter, before anything is updated.
+
+HSDP (multi-node FSDP2: a 2-D mesh, replicate x shard, placements (Replicate(), Shard(0))):
+a replica group's shard ranks split the rows, and every replica group holds the same rows.
+Each replica group runs the algorithm above among its own ranks (the "row group"), owners
+included, and all groups compute the same result. The alternative, owners over the whole
+mesh, would cut each rank's Newton-Schulz work by the number of groups R, but every O would
+then have to reach all R groups: 2 bytes per element to each other node. For GPT-2 124M on
+R nodes of 8 GPUs (bench/distributed_step.py prints this), per rank and step: 190 GFLOP and
+no inter-node bytes here, against 95 GFLOP and 10.6 MB at R = 2 (24 GFLOP and 18.6 MB at
+R = 8). At the 400 TFLOP/s that Newton-Schulz reached on one H100 (bench/RESULTS.md), the
+saving is 0.24 ms at R = 2; 10.6 MB over a 200-400 Gb/s link takes 0.2-0.4 ms, on the link
+that FSDP's own gradient reduction across nodes also needs. So the work stays in the group.
+
+At one rank per row group (one process, or HSDP with one rank per replica) every row is
+local: the step is normuon.NorMuon's, on the local tensors, with no exchange.
 """
 import dataclasses
 import itertools
@@ -42,10 +64,11 @@ import itertools
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.tensor import DTensor, Shard
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from normuon import (NorMuon, apply_update, as_matrix_shape, learning_rate, nesterov_direction,
-                     neuron_step, newton_schulz_flops, orthogonalize, orthogonalizer_dtype)
+                     neuron_step, newton_schulz_flops, orthogonalize, orthogonalizer_dtype,
+                     param_labels)
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -69,6 +92,30 @@ def shard_rows(m: int, world: int) -> list[int]:
 
 def local(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+LAYOUTS = ((Shard(0),), (Replicate(), Shard(0)))   # FSDP2 on a 1-D mesh; HSDP on a 2-D one
+
+
+def check_layout(p: DTensor, label: str, mesh, ranks: list[int]):
+    """Refuse a parameter this optimizer cannot step, naming it; returns its mesh (which every
+    sharded parameter must share)."""
+    if tuple(p.placements) not in LAYOUTS:
+        raise ValueError(
+            f"DistributedNorMuon: {label} has placements {p.placements}; supported are FSDP2's "
+            f"row sharding (Shard(0),) on a 1-D mesh, HSDP's (Replicate(), Shard(0)) on a 2-D "
+            f"mesh, and replicated plain tensors (DDP)")
+    mesh_ranks = sorted(p.device_mesh.mesh.flatten().tolist())
+    if mesh_ranks != sorted(ranks):
+        raise ValueError(
+            f"DistributedNorMuon: {label} lives on a device mesh of ranks {mesh_ranks}, but the "
+            f"optimizer's process group has ranks {sorted(ranks)}; pass process_group= the "
+            f"group of the parameters' mesh (for a 1-D mesh, mesh.get_group())")
+    if mesh is not None and p.device_mesh != mesh:
+        raise ValueError(
+            f"DistributedNorMuon: {label} lives on device mesh {p.device_mesh}, other "
+            f"parameters on {mesh}; all sharded parameters must share one mesh")
+    return p.device_mesh
 
 
 @dataclasses.dataclass
@@ -97,8 +144,6 @@ class DistributedNorMuon(NorMuon):
         # None stands for the default group: holding the default group object itself would keep
         # it alive past destroy_process_group(), to be torn down at interpreter exit (gloo aborts)
         self.process_group = process_group
-        self.rank = dist.get_rank(self.process_group)
-        self.world = dist.get_world_size(self.process_group)
         self.compile = torch.cuda.is_available() if compile is None else compile
         # lr and weight decay stay outside the compiled functions: changing them never recompiles
         self._orthogonalize = torch.compile(orthogonalize) if self.compile else orthogonalize
@@ -106,34 +151,53 @@ class DistributedNorMuon(NorMuon):
         self.last_step_stats: dict = {}
         self._plan()
 
+    def __reduce_ex__(self, protocol):
+        raise TypeError(
+            "DistributedNorMuon cannot be copied or pickled: it is bound to a process group and "
+            "to which rank owns each matrix. Save its state with torch.distributed.checkpoint "
+            "(get_optimizer_state_dict) and build a new DistributedNorMuon for the new model.")
+
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         if hasattr(self, "world"):    # after construction: re-plan owners, create the state
             self._plan()
 
     def _plan(self) -> None:
-        """Owners for every matrix, and all state now, so a checkpoint is complete at once."""
-        matrices = []
+        """Check every parameter's layout, find the ranks that split rows (the row group), give
+        every matrix an owner there, and create all state now, so that a checkpoint is complete
+        at once."""
+        ranks = dist.get_process_group_ranks(self.process_group or dist.group.WORLD)
+        self.mesh, matrices = None, []
         for group in self.param_groups:
-            for p in group["params"]:
-                if isinstance(p, DTensor) and tuple(p.placements) != (Shard(0),):
-                    raise ValueError(
-                        f"DistributedNorMuon: a parameter of shape {tuple(p.shape)} has "
-                        f"placements {p.placements}; only FSDP2's row sharding (Shard(0)) on a "
-                        f"1-D mesh and replicated plain tensors are supported")
+            for p, label in zip(group["params"], param_labels(group)):
+                if isinstance(p, DTensor):
+                    self.mesh = check_layout(p, label, self.mesh, ranks)
                 if group["algorithm"] == "adamw":
                     self.adamw_state(p)
                 elif group["neuron_axis"] != 0:
                     raise ValueError(
-                        f"DistributedNorMuon: a param group has neuron_axis="
-                        f"{group['neuron_axis']} (weights stored (in, out), like Hugging "
+                        f"DistributedNorMuon: {label} is in a group with neuron_axis="
+                        f"{group['neuron_axis']} (a weight stored (in, out), like Hugging "
                         f"Face's Conv1D); rows are what ranks shard and exchange here, so only "
                         f"neuron_axis=0 is supported: use nn.Linear layers, or normuon.NorMuon")
                 else:
                     self.matrix_state(p)
                     matrices.append(p)
+        hsdp = self.mesh is not None and self.mesh.ndim == 2
+        self.replicas = self.mesh.size(0) if hsdp else 1
+        self.rank = dist.get_rank(self.row_group)
+        self.world = dist.get_world_size(self.row_group)
+        self.device = matrices[0].device if matrices else torch.device("cpu")
         owners = assign_owners([as_matrix_shape(p.shape) for p in matrices], self.world)
         self.owner = {p: owner for p, owner in zip(matrices, owners)}
+
+    @property
+    def row_group(self):
+        """The ranks that split each matrix's rows, among which matrices have owners: the
+        process group, or on an HSDP mesh the shard ranks of this rank's replica group."""
+        if self.mesh is not None and self.mesh.ndim == 2:
+            return self.mesh.get_group(1)
+        return self.process_group
 
     def ns_flops_per_rank(self) -> list[int]:
         """Orthogonalizer FLOPs of each rank per step, from the owner assignment."""
@@ -150,10 +214,45 @@ class DistributedNorMuon(NorMuon):
         (AdamW parameters take normuon.py's path: its elementwise ops act on each rank's
         rows of a DTensor.)"""
         self.last_step_stats = {"bytes_sent": 0, "bytes_received": 0}
+        self._agree_on_gradients()
+        if self.world == 1:   # every row is here: normuon.py's step, on the local tensors
+            for group, params in matrix_groups:
+                self._step_matrices(group, [
+                    (local(p), local(p.grad),
+                     {key: local(value) for key, value in self.matrix_state(p).items()})
+                    for p in params])
+            return
         matrices = [self._momentum(p, group, self.matrix_state(p))
                     for group, params in matrix_groups for p in params]
         self._orthogonalize_by_owner(matrices)
         self._normalize_and_apply(matrices)
+
+    def _agree_on_gradients(self) -> None:
+        """One small all-reduce over the process group: which ranks have a gradient for which
+        matrix. If they differ, the collectives below would abort or hang, so every rank
+        raises the same error instead, before anything is updated."""
+        entries = [(p, label) for group in self.param_groups if group["algorithm"] != "adamw"
+                   for p, label in zip(group["params"], param_labels(group))]
+        ranks = dist.get_world_size(self.process_group)
+        if ranks == 1 or not entries:
+            return
+        has_grad = torch.zeros(ranks, len(entries), dtype=torch.int32, device=self.device)
+        has_grad[dist.get_rank(self.process_group)] = torch.tensor(
+            [p.grad is not None for p, _ in entries], dtype=torch.int32)
+        dist.all_reduce(has_grad, group=self.process_group)   # (ranks, matrices) of 0/1
+        has_grad = has_grad.cpu()
+        counts = has_grad.sum(dim=0)
+        disagree = [i for i in range(len(entries)) if 0 < counts[i] < ranks]
+        if disagree:
+            i = disagree[0]
+            have = [r for r in range(ranks) if has_grad[r, i]]
+            lack = [r for r in range(ranks) if not has_grad[r, i]]
+            more = f" (and {len(disagree) - 1} more matrices)" if len(disagree) > 1 else ""
+            raise RuntimeError(
+                f"DistributedNorMuon: ranks disagree on which matrices have a gradient: "
+                f"{entries[i][1]} has one on ranks {have} and none on ranks {lack}{more}. "
+                f"Every rank must produce gradients for the same matrices (a rank-dependent "
+                f"branch, or a layer unused on some ranks?). No parameter was updated.")
 
     def _momentum(self, p: Tensor, group: dict, state: dict) -> Matrix:
         m, n = as_matrix_shape(p.shape)                   # the global shape
@@ -203,7 +302,7 @@ class DistributedNorMuon(NorMuon):
         received = torch.empty(sum(receive_sizes), dtype=dtype, device=device)
         self._count(send_sizes, receive_sizes, empty.element_size())
         work = dist.all_to_all_single(received, send, receive_sizes, send_sizes,
-                                      group=self.process_group, async_op=True)
+                                      group=self.row_group, async_op=True)
         return work, list(received.split(receive_sizes))
 
     def _count(self, sent: list[int], received: list[int], element_size: int) -> None:
@@ -261,7 +360,7 @@ class DistributedNorMuon(NorMuon):
         send = torch.cat([O_wire.reshape(-1), O_wire.new_zeros(longest - O_wire.numel())])
         received = send.new_empty(self.world * longest)
         self._count([longest] * self.world, [longest] * self.world, send.element_size())
-        work = dist.all_gather_single(received, send, group=self.process_group, async_op=True)
+        work = dist.all_gather_single(received, send, group=self.row_group, async_op=True)
 
         def finish() -> None:
             for r, piece in enumerate(received.split(longest)):
@@ -287,7 +386,7 @@ class DistributedNorMuon(NorMuon):
         sharded = torch.tensor([x.rows is not None for x in matrices],
                                device=sq_norms.device).unsqueeze(-1)
         total = torch.where(sharded, sq_norms, torch.zeros_like(sq_norms))
-        dist.all_reduce(total, group=self.process_group)  # sum of the sharded matrices' rows
+        dist.all_reduce(total, group=self.row_group)  # sum of the sharded matrices' rows
         sq_norms = torch.where(sharded, total, sq_norms)
         if self.world > 1:   # the all-reduce's payload, counted once each way
             payload = sq_norms.numel() * sq_norms.element_size()

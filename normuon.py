@@ -84,6 +84,7 @@ POLAR_EXPRESS_COEFFICIENTS = (
     (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
     (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
 )
+FLOAT32_MAX = torch.finfo(torch.float32).max
 # Floor for the norms we divide by: an all-zero gradient must give a zero update, not 0/0.
 NORM_FLOOR = 1e-30
 
@@ -97,28 +98,21 @@ def _odd_polynomial_iteration(U: Tensor, coefficients, input_scale: float) -> Te
     owner, and what NorMuon builds: see orthogonalizer_dtype) gives exactly the same result.
     Returns O in U's dtype."""
     X = U.bfloat16()
-    scale = power_of_two_scale(X)
-    transposed = X.size(-2) > X.size(-1)
-    if transposed:  # work on the small Gram matrix (rows <= cols), laid out contiguously:
-        X = X.mT.contiguous().mul_(scale)   # strided views make every matmul copy its input
-    else:
-        X = X * scale
-    X.div_(input_scale * X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    transposed = X.size(-2) > X.size(-1)   # then work on the small Gram matrix (rows <= cols)
+    # |X|_F summed in float64, which no float32 X overflows (float32 does above 1.8e19), and
+    # no additive guard against 0/0 that a tiny X would vanish into: the result is the same
+    # at any scale of U in float32's normal range. A zero X stays zero; a NaN or inf gives NaN.
+    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=torch.float64)
+    factor = (1 / (input_scale * norm).clamp_min(1e-300)).clamp_max(FLOAT32_MAX).float()
+    if transposed:   # laid out contiguously: strided views make every matmul copy its input
+        X = X.mT.contiguous().mul_(factor)
+    else:            # (into bf16: a float32 factor would promote X to float32)
+        X = torch.mul(X, factor, out=torch.empty_like(X))
     batch_shape, X = X.shape[:-2], X.reshape(-1, *X.shape[-2:])   # (B, r, c), r = min(m, n)
     A = X.new_empty(X.shape[0], X.shape[1], X.shape[1])            # (B, r, r)
     X = polynomial_iterations(X, coefficients, (A, torch.empty_like(A), torch.empty_like(X)))
     X = X.reshape(*batch_shape, *X.shape[-2:])
     return (X.mT if transposed else X).to(U.dtype, memory_format=torch.contiguous_format)
-
-
-def power_of_two_scale(X: Tensor) -> Tensor:
-    """2^-k (..., 1, 1), in X's dtype, that brings the largest |x| of each matrix of X into
-    [1, 2). Multiplying by it is exact, and it makes the orthogonalizer scale-free: without it
-    |X|_F overflows float32 above 1.8e19, and a tiny X loses out to the 1e-7 that guards 0/0.
-    A NaN or inf in X gives a NaN scale or result: non-finite input stays non-finite."""
-    largest = torch.linalg.vector_norm(X, ord=math.inf, dim=(-2, -1), keepdim=True).float()
-    exponent = torch.floor(torch.log2(largest)).clamp(-126, 126)   # 0 -> -inf -> -126
-    return torch.exp2(-exponent).to(X.dtype)
 
 
 def polynomial_iterations(X: Tensor, coefficients, buffers: tuple[Tensor, Tensor, Tensor]
@@ -362,14 +356,15 @@ class NorMuon(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        matrix_groups = []
+        matrix_groups, adamw_groups = [], []
         for index, group in enumerate(self.param_groups):
-            params = params_with_grad(group, index)
-            if group["algorithm"] == "adamw":
-                self._adamw_step(group, params)
-            else:
-                matrix_groups.append((group, params))
+            kind = adamw_groups if group["algorithm"] == "adamw" else matrix_groups
+            kind.append((group, params_with_grad(group, index)))
+        # matrices first: if they raise (a sharded optimizer's ranks disagree), nothing has
+        # been updated yet
         self._matrix_steps(matrix_groups)
+        for group, params in adamw_groups:
+            self._adamw_step(group, params)
         return loss
 
     def _adamw_step(self, group: dict, params: list[Tensor]) -> None:
@@ -385,36 +380,40 @@ class NorMuon(torch.optim.Optimizer):
             self._matrix_step(group, params)
 
     def _matrix_step(self, group: dict, params: list[Tensor]) -> None:
-        for p in params:   # state for every matrix, also empty ones (state_dict lists them)
-            self.matrix_state(p, group["neuron_axis"])
-        params = [p for p in params if p.numel() > 0]   # (0, n), (m, 0): nothing to update
-        if not params:
+        states = [self.matrix_state(p, group["neuron_axis"]) for p in params]
+        self._step_matrices(group, [(p, p.grad, state) for p, state in zip(params, states)])
+
+    def _step_matrices(self, group: dict, matrices: list[tuple[Tensor, Tensor, dict]]) -> None:
+        """Steps 1-7 for (param, grad, state) triples of plain tensors, batched by shape."""
+        matrices = [x for x in matrices if x[0].numel() > 0]   # (0, n), (m, 0): no update
+        if not matrices:
             return
-        buckets: dict[tuple, list[Tensor]] = {}  # same-shape matrices orthogonalize as a batch
-        for p in params:
-            buckets.setdefault((p.shape, p.device, state_dtype(p)), []).append(p)
+        buckets: dict[tuple, list] = {}  # same-shape matrices orthogonalize as a batch
+        for x in matrices:
+            buckets.setdefault((x[0].shape, x[0].device, state_dtype(x[0])), []).append(x)
         axis = group["neuron_axis"]
         # (max without default=: that keyword is a graph break under torch.compile)
-        largest = max(working_set(*as_matrix_shape(p.shape, axis)) for p in params)
+        largest = max(working_set(*as_matrix_shape(x[0].shape, axis)) for x in matrices)
         for (shape, device, dtype), bucket in buckets.items():
             size = batch_size(working_set(*as_matrix_shape(shape, axis)), largest, device)
             for start in range(0, len(bucket), size):
                 self._matrix_batch_step(group, bucket[start:start + size], dtype)
 
-    def _matrix_batch_step(self, group: dict, batch: list[Tensor], dtype: torch.dtype) -> None:
-        """Steps 1-7 for same-shape matrices. (A method of its own so that its temporaries are
-        freed before the next batch starts.)"""
+    def _matrix_batch_step(self, group: dict, batch: list[tuple[Tensor, Tensor, dict]],
+                           dtype: torch.dtype) -> None:
+        """Steps 1-7 for same-shape (param, grad, state) triples. (A method of its own so that
+        its temporaries are freed before the next batch starts.)"""
         axis = group["neuron_axis"]
-        m, n = as_matrix_shape(batch[0].shape, axis)
-        states = [self.matrix_state(p, axis) for p in batch]
+        params, grads, states = zip(*batch)
+        m, n = as_matrix_shape(params[0].shape, axis)
         U_dtype = orthogonalizer_dtype(group["orthogonalizer"], dtype)
         # steps 1-2, in the dtype the orthogonalizer reads. (A stack, not U[i] = ... into an
         # empty batch: torch.compile turned that loop into chained scatters, which took a
         # quarter of a compiled step on an H100)
-        U = torch.stack([to_neuron_rows(nesterov_direction(state["momentum_buffer"], p.grad,
+        U = torch.stack([to_neuron_rows(nesterov_direction(state["momentum_buffer"], grad,
                                                            group["momentum"], group["nesterov"]
                                                            ).to(U_dtype), axis)
-                         for p, state in zip(batch, states)])                    # (k, m, n)
+                         for grad, state in zip(grads, states)])                 # (k, m, n)
         O = orthogonalize(U, group["orthogonalizer"], group["ns_steps"])           # step 3
         del U   # before O's copy in the state dtype: the step's peak memory is lower
         O = O.to(dtype)
@@ -422,7 +421,7 @@ class NorMuon(torch.optim.Optimizer):
         O_hat, sq_norms = neuron_step(O, second_moments, algorithm=group["algorithm"],
                                       beta2=group["beta2"], eps=group["eps"],
                                       adjust_lr=group["adjust_lr"])         # steps 4-5
-        for i, (p, state) in enumerate(zip(batch, states)):                 # steps 6-7
+        for i, (p, state) in enumerate(zip(params, states)):                # steps 6-7
             state["second_moment"].copy_(second_moments[i])
             apply_update(p, O_hat[i], sq_norms[i], m, n, lr=learning_rate(group),
                          weight_decay=group["weight_decay"], adjust_lr=group["adjust_lr"],
@@ -472,6 +471,14 @@ def params_with_grad(group: dict, index: int) -> list[Tensor]:
     return params
 
 
+def param_labels(group: dict) -> list[str]:
+    """How error messages name each parameter of a group: by name where the group has names
+    (param_groups gives them), else by shape."""
+    names = group.get("param_names") or [None] * len(group["params"])
+    return [f"parameter {name!r}" if name else f"a parameter of shape {tuple(p.shape)}"
+            for p, name in zip(group["params"], names)]
+
+
 def check_param_group(group: dict, index: int) -> None:
     """Raise a ValueError that names the bad option of param group `index` and the fix."""
     where = f"NorMuon param group {index}"
@@ -503,18 +510,16 @@ def check_param_group(group: dict, index: int) -> None:
     axis = group["neuron_axis"]
     require(isinstance(axis, int) and axis >= 0,
             f"neuron_axis must be an integer >= 0 (the dim of the output neurons), got {axis!r}")
-    names = group.get("param_names") or [None] * len(group["params"])
-    for p, name in zip(group["params"], names):
-        label = f"parameter {name!r}" if name else "a parameter"
-        require(not p.is_complex(), f"{label} of shape {tuple(p.shape)} is complex "
-                f"({p.dtype}); NorMuon supports real floating-point parameters only")
+    for p, label in zip(group["params"], param_labels(group)):
+        require(not p.is_complex(), f"{label} is complex ({p.dtype}); NorMuon supports "
+                f"real floating-point parameters only")
         require(algorithm == "adamw" or p.ndim >= 2,
-                f"algorithm={algorithm!r} orthogonalizes matrices, but {label} has shape "
-                f"{tuple(p.shape)}; put parameters with fewer than 2 dims (gains, biases, "
-                f"scalars) in a group with algorithm='adamw' (normuon.param_groups does this)")
+                f"algorithm={algorithm!r} orthogonalizes matrices, but {label} has fewer "
+                f"than 2 dims; put gains, biases and scalars in a group with "
+                f"algorithm='adamw' (normuon.param_groups does this)")
         require(algorithm == "adamw" or axis < p.ndim,
-                f"neuron_axis={axis} but {label} has shape {tuple(p.shape)}; the output "
-                f"neurons must lie along one of its dims (0 for nn.Linear's (out, in))")
+                f"neuron_axis={axis} but {label} has no such dim; the output neurons must "
+                f"lie along one of its dims (0 for nn.Linear's (out, in))")
 
 
 # ----------------------------------------------------------------------------- param groups

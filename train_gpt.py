@@ -4,6 +4,7 @@
     python train_gpt.py                                     # CPU: tiny byte-level GPT, minutes
     torchrun --standalone --nproc_per_node=2 train_gpt.py   # 2 processes: FSDP2 + distributed.py
     torchrun --standalone --nproc_per_node=8 train_gpt.py --preset gpt2 --data-dir fineweb10B
+    torchrun --nnodes=2 --nproc_per_node=8 ... train_gpt.py --replicas 2   # HSDP across nodes
 
 With no --data-dir the training text is this Python installation's own standard library,
 split by file into train and val and cached once as token shards (byte-level, vocab 256).
@@ -101,6 +102,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     parser.add_argument("--parallel", choices=("fsdp", "ddp"), default="fsdp",
                         help="with several ranks: FSDP2 + DistributedNorMuon, or DDP + NorMuon")
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="HSDP across nodes: shard within each of this many replica groups "
+                             "(e.g. the number of nodes), replicate across them (default 1)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction,
                         help="torch.compile the model (default: on for CUDA, off for CPU)")
     parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps")
@@ -549,7 +553,26 @@ def train_step(model: nn.Module, wrapped: nn.Module, optimizer, stream: TokenStr
     return train_loss, end - start, end - optimizer_start
 
 
+def device_mesh(device: torch.device, world: int, replicas: int):
+    """FSDP2's mesh: 1-D over all ranks, or for replicas > 1 HSDP's 2-D (replicas, ranks per
+    replica): rows sharded within a replica group, the groups replicas of each other."""
+    if replicas == 1:
+        return init_device_mesh(device.type, (world,))
+    return init_device_mesh(device.type, (replicas, world // replicas),
+                            mesh_dim_names=("replicate", "shard"))
+
+
+def check_layout(args, world: int) -> None:
+    if args.replicas < 1 or world % args.replicas:
+        raise ValueError(f"--replicas {args.replicas} must divide the number of ranks {world} "
+                         f"(use the number of nodes: each node's ranks form a replica group)")
+    if args.replicas > 1 and args.parallel != "fsdp":
+        raise ValueError(f"--replicas {args.replicas} is HSDP, a layout of FSDP2: it needs "
+                         f"--parallel fsdp, not {args.parallel}")
+
+
 def train(args, rank: int, world: int, device: torch.device) -> dict:
+    check_layout(args, world)
     cfg = resolve_config(args, device)
     accumulation = accumulation_steps(cfg, world)
     use_compile = args.compile if args.compile is not None else device.type == "cuda"
@@ -565,7 +588,7 @@ def train(args, rank: int, world: int, device: torch.device) -> dict:
     raw_model = GPT(cfg).to(device)
     sharded = world > 1 and args.parallel == "fsdp"
     if sharded:   # every block, then the rest (embeddings, head): rows split over ranks
-        mesh = init_device_mesh(device.type, (world,))
+        mesh = device_mesh(device, world, args.replicas)
         for block in raw_model.blocks:
             fully_shard(block, mesh=mesh)
         fully_shard(raw_model, mesh=mesh)
@@ -582,6 +605,8 @@ def train(args, rank: int, world: int, device: torch.device) -> dict:
         print0(f"resumed from {path} at step {run.step}")
     n_params = sum(p.numel() for p in raw_model.parameters())
     parallel = f"{world} ranks ({args.parallel})" if world > 1 else "1 rank"
+    if args.replicas > 1:
+        parallel = f"{world} ranks (HSDP: {args.replicas} replicas x {world // args.replicas})"
     print0(f"{n_params / 1e6:.2f}M parameters, {parallel} on {device}, "
            f"{cfg.tokens_per_step} tokens/step ({accumulation} accumulation step(s)), "
            f"optimizer {args.optimizer}, compile {use_compile}")
@@ -645,7 +670,7 @@ def train(args, rank: int, world: int, device: torch.device) -> dict:
                "target_reached_step": run.reached and run.reached["step"],
                "target_reached_time_s": run.reached and run.reached["train_time_s"],
                "peak_memory_mib": peak_mib, "optimizer": args.optimizer, "world_size": world,
-               "parallel": args.parallel if world > 1 else None,
+               "parallel": args.parallel if world > 1 else None, "replicas": args.replicas,
                "device": str(device), "config": dataclasses.asdict(cfg)}
     log_line(summary)
     if log:

@@ -1,8 +1,10 @@
 """Time DistributedNorMuon's step at several world sizes against the single-device NorMuon on
 the same matrices, and print what each rank communicated and how balanced the owners are.
 
-    python bench/distributed_step.py                      # W = 1, 2 on CPU (gloo)
-    python bench/distributed_step.py --worlds 1 2 4 --layers 12 --scale 1
+    python bench/distributed_step.py                      # W = 1, 2 and HSDP 2x2, CPU (gloo)
+    python bench/distributed_step.py --layouts 1 2 4 2x2 --layers 12 --scale 1
+
+A layout is W (FSDP2 over W ranks) or RxS (HSDP: R replica groups of S ranks each).
 
 The matrices are GPT-2 124M's hidden ones (per layer: qkv, attention out, MLP in, MLP out)
 with every dimension divided by --scale; --layers of them. Gradients are random. Each world
@@ -47,7 +49,13 @@ def timed_step(opt, params) -> float:
     return time.perf_counter() - start
 
 
-def measure(args, world: int) -> dict:
+def parse_layout(layout: str) -> tuple[int, int]:
+    """"W" -> (1, W); "RxS" -> (R, S): replica groups and ranks per group."""
+    replicas, _, shards = layout.rpartition("x")
+    return int(replicas or 1), int(shards)
+
+
+def measure(args, replicas: int, shards: int) -> dict:
     """This rank's part: the sharded step and, on the same threads, the single-device NorMuon
     on whole copies of the matrices (every rank steps its own: what one process would do),
     stepped in turn round after round after the same warm-up."""
@@ -61,7 +69,10 @@ def measure(args, world: int) -> dict:
     torch.manual_seed(0)
     shapes = gpt2_shapes(args.layers, args.scale)
     model = nn.ParameterList(nn.Parameter(torch.randn(m, n) / n ** 0.5) for m, n in shapes)
-    fully_shard(model, mesh=init_device_mesh("cpu", (world,)))
+    mesh = (init_device_mesh("cpu", (replicas, shards), mesh_dim_names=("replicate", "shard"))
+            if replicas > 1
+            else init_device_mesh("cpu", (shards,)))
+    fully_shard(model, mesh=mesh)
     plain = [nn.Parameter(torch.randn(m, n) / n ** 0.5) for m, n in shapes]
     variants = {"sharded": (DistributedNorMuon(model.parameters(), compile=args.compile),
                             list(model.parameters())),
@@ -73,9 +84,9 @@ def measure(args, world: int) -> dict:
             if round_ >= args.warmup:
                 times[name].append(seconds)
     opt = variants["sharded"][0]
-    stats = [None] * world
+    stats = [None] * (replicas * shards)
     torch.distributed.all_gather_object(stats, opt.last_step_stats)
-    return {"world": world, "times": times, "stats": stats, "flops": opt.ns_flops_per_rank()}
+    return {"times": times, "stats": stats, "flops": opt.ns_flops_per_rank()}
 
 
 def worker(args) -> None:
@@ -84,7 +95,7 @@ def worker(args) -> None:
 
     import torch.distributed as dist
     dist.init_process_group("gloo")
-    result = measure(args, dist.get_world_size())
+    result = measure(args, *parse_layout(args.layout))
     if dist.get_rank() == 0:
         Path(args.out).write_text(json.dumps(result))
     # free the sharded model (and with it the device mesh's hold on the process group) now:
@@ -96,7 +107,9 @@ def worker(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--layouts", nargs="+", default=["1", "2", "2x2"],
+                        help="W for FSDP2 over W ranks, RxS for HSDP")
+    parser.add_argument("--layout", help=argparse.SUPPRESS)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--scale", type=int, default=4, help="divide GPT-2's dims by this")
     parser.add_argument("--repeats", type=int, default=10)
@@ -112,13 +125,16 @@ def main() -> None:
     elements = sum(m * n for m, n in shapes)
     print(f"{len(shapes)} matrices, GPT-2 shapes / {args.scale}, {elements / 1e6:.2f}M "
           f"elements; {os.cpu_count()} CPUs; torch {torch.__version__}")
-    print(f"{'W':>3} {'step ms (min-max)':>22} {'1-device ms':>12} {'ratio':>6} "
+    print(f"{'layout':>6} {'step ms (min-max)':>22} {'1-device ms':>12} {'ratio':>6} "
           f"{'sent/rank KiB':>14} {'analytic KiB':>13} {'NS max/mean':>12}")
-    for world in args.worlds:
+    for layout in args.layouts:
+        replicas, shards = parse_layout(layout)
+        world = replicas * shards
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "result.json"
             command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                        f"--nproc_per_node={world}", __file__, "--worker", "--out", str(out),
+                       "--layout", layout,
                        "--layers", str(args.layers), "--scale", str(args.scale),
                        "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
             if args.compile:
@@ -128,12 +144,13 @@ def main() -> None:
             result = json.loads(out.read_text())
         sharded, single = result["times"]["sharded"], result["times"]["single_device"]
         sent = statistics.mean(s["bytes_sent"] for s in result["stats"]) / 1024
-        analytic = 4 * elements * (1 - 1 / world) / world / 1024   # 2 + 2 bytes, off-rank
+        # 2 + 2 bytes per element that crosses ranks, within a replica group
+        analytic = 4 * elements * (1 - 1 / shards) / shards / 1024
         flops = result["flops"]
         spread = (f"{statistics.median(sharded) * 1e3:.1f} ({min(sharded) * 1e3:.1f}-"
                   f"{max(sharded) * 1e3:.1f})")
         ratio = statistics.median(sharded) / statistics.median(single)
-        print(f"{world:>3} {spread:>22} {statistics.median(single) * 1e3:>12.1f} {ratio:>5.2f}x "
+        print(f"{layout:>6} {spread:>22} {statistics.median(single) * 1e3:>12.1f} {ratio:>5.2f}x "
               f"{sent:>14.1f} {analytic:>13.1f} {max(flops) / (sum(flops) / len(flops)):>12.3f}")
     print("1-device: normuon.NorMuon on whole copies of the matrices, stepped in turn with the "
           "sharded step on the same ranks and threads")
@@ -145,6 +162,24 @@ def main() -> None:
         for shape, owner in zip(full, assign_owners(full, world)):
             load[owner] += newton_schulz_flops(*shape)
         print(f"  W={world:<3} {max(load) / (sum(load) / world):.3f}")
+    hsdp_choice(full)
+
+
+def hsdp_choice(shapes: list[tuple[int, int]]) -> None:
+    """Where HSDP should orthogonalize, for GPT-2 124M on R nodes of S GPUs: owners within each
+    replica group (what distributed.py does; every group repeats the work, nothing crosses
+    nodes) or owners over the whole mesh (each does 1/R of it, but every O must reach all R
+    groups: 2 bytes per element to each of the R - 1 other nodes)."""
+    total_flops = sum(newton_schulz_flops(*shape) for shape in shapes)
+    elements = sum(m * n for m, n in shapes)
+    print("\nHSDP, GPT-2 124M: Newton-Schulz GFLOP and inter-node MB per rank per step")
+    print(f"{'RxS':>6} {'per group: GFLOP':>17} {'inter-node MB':>14} "
+          f"{'whole mesh: GFLOP':>18} {'inter-node MB':>14}")
+    for replicas, shards in ((2, 8), (4, 8), (8, 8)):
+        ranks = replicas * shards
+        across = 2 * elements * (replicas - 1) / ranks / 1e6
+        print(f"{f'{replicas}x{shards}':>6} {total_flops / shards / 1e9:>17.1f} {0.0:>14.1f} "
+              f"{total_flops / ranks / 1e9:>18.1f} {across:>14.1f}")
 
 
 if __name__ == "__main__":

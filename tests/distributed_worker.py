@@ -4,8 +4,10 @@
 
 Each rank runs the scenario; rank 0 writes OUT_DIR/SCENARIO.json for the test to check.
 """
+import copy
 import gc
 import json
+import pickle
 import sys
 from pathlib import Path
 
@@ -64,7 +66,7 @@ def new_model():
 
 
 def make_groups(model):
-    return param_groups(model)
+    return param_groups(model, head=())   # its last layer is a hidden matrix here too
 
 
 def train(model, opt, steps, first_step=0, gradients="backward"):
@@ -245,18 +247,116 @@ def scenario_compile(world, rank, mesh):
 
 
 def scenario_refusals(world, rank, mesh):
-    """Parameters DistributedNorMuon cannot step are refused at construction, on every rank:
-    returns each case's error message (or None if it was accepted)."""
-    def message(make):
+    """What DistributedNorMuon cannot do is refused at construction (or copy), on every rank:
+    each case's error message on each rank (None where it was accepted)."""
+    def message(action, errors=(ValueError,)):
         try:
-            make()
-        except ValueError as error:
+            action()
+        except errors as error:
             return str(error)
         return None
 
     transposed = sharded(nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 4)), mesh)
-    return dict(neuron_axis=message(lambda: DistributedNorMuon(
-        [{"params": list(transposed.parameters())[::2], "neuron_axis": 1}])))
+    # every rank shards its parameters over a mesh of itself alone, not the optimizer's group
+    alone = init_device_mesh("cpu", (world, 1), mesh_dim_names=("group", "alone"))["alone"]
+    other_mesh = sharded(nn.Linear(4, 8), alone)
+    opt = DistributedNorMuon(make_groups(sharded(new_model(), mesh)), compile=False)
+    result = dict(
+        neuron_axis=message(lambda: DistributedNorMuon(
+            [{"params": list(transposed.parameters())[::2], "neuron_axis": 1}])),
+        other_mesh=message(lambda: DistributedNorMuon(make_groups(other_mesh))),
+        deepcopy=message(lambda: copy.deepcopy(opt), TypeError),
+        pickle=message(lambda: pickle.dumps(opt), TypeError))
+    return gather(result)
+
+
+def gather(result):
+    """Every rank's result, in rank order (on rank 0, which writes them)."""
+    results = [None] * dist.get_world_size()
+    dist.all_gather_object(results, result)
+    return results
+
+
+def scenario_gradient_mismatch(world, rank, mesh):
+    """Rank 1 lacks one matrix's gradient; then rank 1 has no gradients at all. Every rank must
+    raise the same error, nothing updated, and the group must stay usable (no abort, no hang).
+    """
+    model = sharded(new_model(), mesh)
+    opt = DistributedNorMuon(make_groups(model), **HYPER, compile=False)
+    train(model, opt, 1, gradients="random")
+    results = {}
+    for case, drop in (("one_missing", lambda name: name == "c.weight"),
+                       ("all_missing", lambda name: True)):
+        before = full_params(model)
+        generator = torch.Generator().manual_seed(7)
+        for name, p in model.named_parameters():
+            full = torch.randn(p.shape, generator=generator)
+            p.grad = distribute_tensor(full, p.device_mesh, p.placements)
+            if rank == 1 and drop(name):
+                p.grad = None
+        try:
+            opt.step()
+            error = None
+        except RuntimeError as raised:
+            error = str(raised)
+        opt.zero_grad(set_to_none=True)
+        unchanged = all(torch.equal(before[n], p) for n, p in full_params(model).items())
+        results[case] = dict(error=error, unchanged=unchanged)
+    train(model, opt, 1, first_step=1, gradients="random")   # and it still steps
+    return gather(results)
+
+
+def hsdp_mesh(replicas, world):
+    return init_device_mesh("cpu", (replicas, world // replicas),
+                            mesh_dim_names=("replicate", "shard"))
+
+
+def scenario_hsdp_parity(world, rank, mesh):
+    """HSDP on a 2 x (world/2) mesh against the single-device optimizer (exact polar factor),
+    both algorithms and both adjust_lr modes; and the per-rank bytes and FLOPs."""
+    mesh = hsdp_mesh(2, world)
+    start = full_params(new_model())
+    results = []
+    for algorithm in ("normuon", "muon"):
+        for adjust_lr in ("match_rms_adamw", "original"):
+            config = dict(algorithm=algorithm, adjust_lr=adjust_lr, orthogonalizer="svd")
+            reference = new_model()
+            train(reference, NorMuon(make_groups(reference), **HYPER, **config), 5,
+                  gradients="random")
+            model = sharded(new_model(), mesh)
+            opt = DistributedNorMuon(make_groups(model), **HYPER, **config, compile=False)
+            train(model, opt, 5, gradients="random")
+            error = relative_error(full_params(model), full_params(reference), start)
+            results.append(dict(config, error=error, row_world=opt.world,
+                                replicas=opt.replicas, stats=opt.last_step_stats,
+                                flops=opt.ns_flops_per_rank()))
+    return gather(results)
+
+
+def scenario_hsdp_save(world, rank, mesh, out_dir):
+    """Three HSDP steps on a 2 x 2 mesh, saved with DCP for scenario_hsdp_load."""
+    model = sharded(new_model(), hsdp_mesh(2, world))
+    opt = DistributedNorMuon(make_groups(model), **HYPER, orthogonalizer="svd", compile=False)
+    train(model, opt, 3, gradients="random")
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+             checkpoint_id=out_dir / "dcp_hsdp")
+    return dict(saved=True)
+
+
+def scenario_hsdp_load(world, rank, mesh, out_dir):
+    """Load the 2 x 2 checkpoint on a 1 x world (2 ranks) or world x 1 (4 ranks) mesh, take 3
+    steps, compare with 6 single-device steps."""
+    replicas = 1 if world == 2 else world
+    model = sharded(new_model(), hsdp_mesh(replicas, world))
+    opt = DistributedNorMuon(make_groups(model), **HYPER, orthogonalizer="svd", compile=False)
+    load_checkpoint(model, opt, out_dir / "dcp_hsdp")
+    train(model, opt, 3, first_step=3, gradients="random")
+    reference = new_model()
+    start = full_params(reference)
+    train(reference, NorMuon(make_groups(reference), **HYPER, orthogonalizer="svd"), 6,
+          gradients="random")
+    return dict(error=relative_error(full_params(model), full_params(reference), start),
+                mesh=[replicas, world // replicas])
 
 
 def main():

@@ -12,18 +12,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 
-def test_distributed_step_bench_prints_a_row_per_world_size():
+def test_distributed_step_bench_prints_a_row_per_layout():
     result = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "distributed_step.py"), "--worlds", "1", "2",
-         "--layers", "1", "--scale", "8", "--repeats", "1", "--warmup", "0"],
+        [sys.executable, str(ROOT / "bench" / "distributed_step.py"), "--layouts", "1", "2",
+         "2x2", "--layers", "1", "--scale", "8", "--repeats", "1", "--warmup", "0"],
         capture_output=True, text=True, timeout=300, check=True)
     rows = [line.split() for line in result.stdout.splitlines()]
-    table = {row[0]: row for row in rows if row and row[0] in ("1", "2")}
-    assert set(table) == {"1", "2"}
-    sent, analytic = float(table["2"][5]), float(table["2"][6])
-    assert table["2"][4].endswith("x")                   # sharded / single-device ratio
-    assert abs(sent - analytic) <= 0.05 * analytic       # the 2 + 2 bytes per element
-    assert "W=8" in result.stdout
+    table = {row[0]: row for row in rows if row and row[0] in ("1", "2", "2x2")}
+    assert set(table) == {"1", "2", "2x2"}
+    for layout in ("2", "2x2"):   # HSDP 2x2 exchanges rows within a replica group of 2
+        sent, analytic = float(table[layout][5]), float(table[layout][6])
+        assert table[layout][4].endswith("x")            # sharded / single-device ratio
+        assert abs(sent - analytic) <= 0.05 * analytic   # the 2 + 2 bytes per element
+    assert "W=8" in result.stdout and "whole mesh" in result.stdout
 
 
 def test_optimizer_step_small_steps_every_variant_in_every_round(tmp_path):

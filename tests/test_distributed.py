@@ -18,20 +18,58 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "distributed_worker.py"
 
 
-def launch(scenario: str, world: int, out_dir: Path):
+def launch(scenario: str, world: int, out_dir: Path, timeout: int = 600):
+    """Run a worker scenario on `world` gloo ranks; a hang fails the test at `timeout`."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone",
          f"--nproc_per_node={world}", str(WORKER), scenario, str(out_dir)],
-        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+        capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     return json.loads((out_dir / f"{scenario}_w{world}.json").read_text())
 
 
-def test_parameters_it_cannot_step_are_refused_at_construction(tmp_path):
-    refused = launch("refusals", 2, tmp_path)
-    assert "neuron_axis=1" in refused["neuron_axis"]
-    assert "normuon.NorMuon" in refused["neuron_axis"]
+def test_what_it_cannot_do_is_refused_on_every_rank(tmp_path):
+    for rank, refused in enumerate(launch("refusals", 2, tmp_path, timeout=180)):
+        assert "neuron_axis=1" in refused["neuron_axis"]
+        assert "normuon.NorMuon" in refused["neuron_axis"]
+        # a DTensor on a mesh of this rank alone, while the optimizer's group has both
+        assert f"mesh of ranks [{rank}]" in refused["other_mesh"]
+        assert "process group has ranks [0, 1]" in refused["other_mesh"]
+        for action in ("deepcopy", "pickle"):
+            assert "cannot be copied or pickled" in refused[action]
+
+
+def test_ranks_that_disagree_on_gradients_all_raise_and_nothing_is_updated(tmp_path):
+    # rank 1 lacks one matrix's gradient, then all of them: without an agreement step gloo
+    # aborts in the all-to-all, or the other ranks wait forever for rank 1's all-reduce
+    per_rank = launch("gradient_mismatch", 2, tmp_path, timeout=180)
+    for case, culprit in (("one_missing", "'c.weight'"), ("all_missing", "'a.weight'")):
+        errors = {ranks[case]["error"] for ranks in per_rank}
+        assert len(errors) == 1, errors                   # the same error on every rank
+        error = errors.pop()
+        assert f"{culprit} has one on ranks [0] and none on ranks [1]" in error
+        assert all(ranks[case]["unchanged"] for ranks in per_rank)
+
+
+def test_hsdp_two_by_two_matches_the_single_device_optimizer(tmp_path):
+    runs = launch("hsdp_parity", 4, tmp_path)
+    for rank, rank_runs in enumerate(runs):
+        for run in rank_runs:
+            label = f"rank {rank} {run['algorithm']} {run['adjust_lr']}"
+            assert run["error"] < 1e-5, label
+            assert run["row_world"] == 2 and run["replicas"] == 2, label
+    # each replica group spreads the orthogonalization over its own two ranks, alike
+    assert runs[0][0]["flops"] == runs[2][0]["flops"]
+    assert runs[0][0]["stats"] == runs[2][0]["stats"]
+
+
+def test_hsdp_checkpoint_loads_on_other_meshes(tmp_path):
+    assert launch("hsdp_save", 4, tmp_path)["saved"]
+    for world, mesh in ((2, [1, 2]), (4, [4, 1])):
+        loaded = launch("hsdp_load", world, tmp_path)
+        assert loaded["mesh"] == mesh
+        assert loaded["error"] < 1e-5, mesh
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])

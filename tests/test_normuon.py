@@ -276,7 +276,7 @@ def test_weight_stored_in_out_steps_as_its_neuron_matrix(stored, adjust_lr):
 
 def test_neuron_axis_outside_the_weight_is_refused_naming_it():
     W = nn.Parameter(torch.randn(4, 6))
-    with pytest.raises(ValueError, match=r"neuron_axis=2 but a parameter has shape \(4, 6\)"):
+    with pytest.raises(ValueError, match=r"neuron_axis=2 but a parameter of shape \(4, 6\) has no such dim"):
         NorMuon([W], neuron_axis=2)
     with pytest.raises(ValueError, match="neuron_axis must be an integer >= 0"):
         NorMuon([W], neuron_axis=-1)

@@ -149,6 +149,30 @@ def test_torchrun_two_ranks_match_one_rank(tmp_path, corpus, one_rank_run, paral
         assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
 
 
+def test_torchrun_hsdp_two_by_two_matches_one_rank(tmp_path, corpus, one_rank_run):
+    # 4 ranks as 2 replica groups of 2: rows sharded within a group, groups replicated. Each
+    # rank reads a quarter (4 sequences) of the one-rank run's two micro-batches of 8: the
+    # same tokens per step, so the same losses
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node=4")
+    result = run_cli([*SMALL, "--data-dir", str(corpus), "--max-steps", "30",
+                      "--val-every", "10", "--out-dir", str(tmp_path), "--replicas", "2",
+                      "--micro-batch", "4"], launcher=launcher, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one_evals, _ = read_log(one_rank_run)
+    hsdp_evals, summary = read_log(tmp_path)
+    assert summary["world_size"] == 4 and summary["replicas"] == 2
+    for a, b in zip(one_evals, hsdp_evals, strict=True):
+        assert a["step"] == b["step"]
+        assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
+
+
+def test_replicas_must_divide_the_ranks(tmp_path, corpus):
+    with pytest.raises(ValueError, match="--replicas 3 must divide the number of ranks 1"):
+        train_gpt.main([*SMALL, "--data-dir", str(corpus), "--out-dir", str(tmp_path),
+                        "--replicas", "3"])
+
+
 def test_resume_continues_bit_exactly(tmp_path, corpus):
     common = [*SMALL, "--data-dir", str(corpus), "--max-steps", "24", "--val-every", "4"]
     train_gpt.main([*common, "--out-dir", str(tmp_path / "straight")])
