@@ -11,6 +11,8 @@ split by file into train and val and cached once as token shards (byte-level, vo
 --data-dir reads shards of the speedrun format (a 256 x int32 header: magic 20240520,
 version 1, token count; then uint16 tokens), e.g. the FineWeb10B GPT-2 caches, unchanged.
 Each evaluation and a final summary go to <out-dir>/log.jsonl as one JSON line each.
+Ctrl-C or SIGTERM saves a checkpoint at the end of the current step and exits cleanly;
+--resume <out-dir> continues (bit for bit on CPU).
 With several ranks the model is sharded with FSDP2 and stepped by distributed.py's
 DistributedNorMuon (--parallel ddp: replicated model, single-device optimizer, for comparison).
 
@@ -18,12 +20,16 @@ Sections: configuration, model, data, optimizer, evaluation, checkpoints, traini
 """
 import argparse
 import array
+import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import gc
 import json
 import os
+import pickle
 import random
+import signal
 import resource
 import struct
 import sys
@@ -41,7 +47,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict,
                                                      set_optimizer_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
@@ -263,8 +269,18 @@ def read_shard(path: Path) -> Tensor:
     return torch.frombuffer(data, dtype=torch.uint16) if data else torch.empty(0, dtype=torch.uint16)
 
 
-def check_token_range(path: Path, vocab_size: int) -> None:
-    tokens = read_shard(path)
+def map_shard(path: Path) -> Tensor:
+    """A shard's tokens (N,) uint16, memory-mapped: pages are read when first touched, so
+    opening a shard costs nothing and only the tokens a rank reads come off the disk."""
+    n_tokens = read_shard_header(path)
+    if sys.byteorder == "big" or n_tokens == 0:   # the file is little-endian
+        return read_shard(path)
+    offset = HEADER_BYTES // 2
+    return torch.from_file(str(path), shared=False, size=offset + n_tokens,
+                           dtype=torch.uint16)[offset:]
+
+
+def check_token_range(path: Path, tokens: Tensor, vocab_size: int) -> None:
     chunk = 1 << 24
     largest = max((int(tokens[i:i + chunk].to(torch.int32).max())
                    for i in range(0, len(tokens), chunk)), default=-1)
@@ -278,6 +294,10 @@ def find_shards(data_dir: Path) -> tuple[list[Path], list[Path]]:
     if not data_dir.is_dir():
         raise FileNotFoundError(f"--data-dir {data_dir} is not a folder")
     shards = sorted(data_dir.glob("*.bin"))
+    for path in shards:
+        if "train" in path.name and "val" in path.name:
+            raise ValueError(f"{path}: the name contains both 'train' and 'val', so it would be "
+                             f"read as training and as validation data; rename it")
     train = [p for p in shards if "train" in p.name]
     val = [p for p in shards if "val" in p.name]
     if not train or not val:
@@ -310,38 +330,67 @@ def default_data_dir() -> Path:
 
 class TokenStream:
     """Walks the shards in order, wrapping at the end. All ranks walk the same global stream:
-    each micro-step takes world*B*T tokens, of which rank r reads the r-th (B, T) block."""
+    each micro-step takes world*B*T tokens, of which rank r reads the r-th (B, T) block.
+
+    Shards are memory-mapped. Opening one checks that its tokens fit the vocabulary, which
+    reads it through once; a background thread does that for the next shard while this one
+    is used, so its pages are in memory when the stream gets there. Batches are built in
+    pinned memory on CUDA, so that copies to the GPU overlap compute."""
 
     def __init__(self, files: list[Path], micro_batch: int, seq_len: int, rank: int,
-                 world: int):
+                 world: int, vocab_size: int):
         self.files, self.B, self.T, self.rank, self.world = files, micro_batch, seq_len, rank, world
+        self.vocab_size = vocab_size
         self.shard_index, self.position, self.tokens = 0, 0, None
+        self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        self.opening = {0: self.pool.submit(self._checked, 0)}   # index -> Future of tokens
 
     def state(self) -> dict:
         return {"shard_index": self.shard_index, "position": self.position}
 
     def load_state(self, state: dict) -> None:
-        if state["shard_index"] != self.shard_index:   # keep a shard already read
+        if state["shard_index"] != self.shard_index:   # keep a shard already open
             self.tokens = None
         self.shard_index, self.position = state["shard_index"], state["position"]
 
+    def _open(self, index: int) -> Tensor:
+        """Shard `index`, checked (in the background if it was asked for ahead); then start
+        on the one after it."""
+        future = self.opening.pop(index, None) or self.pool.submit(self._checked, index)
+        tokens = future.result()    # re-raises a broken shard's error here
+        following = (index + 1) % len(self.files)
+        if following != index and following not in self.opening:
+            self.opening[following] = self.pool.submit(self._checked, following)
+        return tokens
+
+    def _checked(self, index: int) -> Tensor:
+        tokens = map_shard(self.files[index])
+        check_token_range(self.files[index], tokens, self.vocab_size)
+        return tokens
+
     def next_batch(self, device: torch.device) -> tuple[Tensor, Tensor]:
+        for future in self.opening.values():   # a broken shard ahead stops the run now
+            if future.done() and future.exception():
+                raise future.exception()
         span = self.world * self.B * self.T
         if self.tokens is None:
-            self.tokens = read_shard(self.files[self.shard_index])
+            self.tokens = self._open(self.shard_index)
         if self.position + span + 1 > len(self.tokens):       # too short for a whole step
             self.shard_index = (self.shard_index + 1) % len(self.files)
-            self.position, self.tokens = 0, read_shard(self.files[self.shard_index])
+            self.position, self.tokens = 0, self._open(self.shard_index)
         start = self.position + self.rank * self.B * self.T
         chunk = self.tokens[start:start + self.B * self.T + 1].to(torch.int64)
         self.position += span
+        if device.type == "cuda":
+            chunk = chunk.pin_memory()
         x, y = chunk[:-1].view(self.B, self.T), chunk[1:].view(self.B, self.T)
         return x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
 
 def prepare_data(cfg: Config, data_dir: Path | None, rank: int,
                  world: int) -> tuple[list[Path], list[Path]]:
-    """Find (or build) the shards and check every one the run reads, before training."""
+    """Find (or build) the shards and check their headers before training. (Token ids are
+    checked as the stream opens each shard.)"""
     if data_dir is None:
         data_dir = default_data_dir()
         if rank == 0 and not (data_dir / "COMPLETE").exists():
@@ -351,18 +400,11 @@ def prepare_data(cfg: Config, data_dir: Path | None, rank: int,
             dist.barrier()
     train, val = find_shards(data_dir)
     span = cfg.tokens_per_pass(world)
-    counts = [read_shard_header(p) for p in train + val]
-    for path, count in zip(train + val, counts):
+    for path in train + val:   # headers and file sizes only: seconds for any number of shards
+        count = read_shard_header(path)
         if count < span + 1:
             raise ValueError(f"{path}: {count} tokens, fewer than one micro-step of all ranks "
                              f"({world} x {cfg.micro_batch} x {cfg.seq_len} + 1)")
-    needed, used, read = cfg.max_steps * cfg.tokens_per_step, 0, []
-    for path, count in zip(train, counts):   # the shards this run reads, in order
-        if used <= needed:
-            read.append(path)
-        used += count
-    for path in read + val:
-        check_token_range(path, cfg.vocab_size)
     return train, val
 
 
@@ -471,16 +513,33 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer, run: RunState, cfg:
 
 
 def read_checkpoint(path: Path) -> dict:
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if "run" not in checkpoint:
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
+        raise ValueError(f"{path}: not a readable checkpoint ({type(error).__name__}: {error}); "
+                         f"it may be truncated (a job killed while writing it?). Resume from "
+                         f"an earlier checkpoint_*.pt") from error
+    if not isinstance(checkpoint, dict) or "run" not in checkpoint:
         raise ValueError(f"{path}: not a checkpoint of this train_gpt.py (no run state; an "
                          f"older version wrote it?)")
     return checkpoint
 
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer) -> RunState:
-    """Restore model, optimizer and CPU RNG from `path`; return the run's bookkeeping."""
-    checkpoint = read_checkpoint(path)
+MODEL_SHAPE = ("vocab_size", "n_layer", "n_head", "dim")   # what a checkpoint must match
+
+
+def check_resumable(checkpoint: dict, cfg: Config, path: Path) -> None:
+    """Refuse, before any work, a checkpoint of a model of another shape."""
+    saved = checkpoint["config"]
+    different = [f"{name} {saved.get(name)} there, {getattr(cfg, name)} here"
+                 for name in MODEL_SHAPE if saved.get(name) != getattr(cfg, name)]
+    if different:
+        raise ValueError(f"{path}: a checkpoint of another model ({'; '.join(different)}); "
+                         f"resume with the --preset and flags it was trained with")
+
+
+def load_checkpoint(checkpoint: dict, model: nn.Module, optimizer) -> RunState:
+    """Restore model, optimizer and CPU RNG from a checkpoint; return the run's bookkeeping."""
     set_model_state_dict(model, checkpoint["model"], options=FULL_STATE)
     set_optimizer_state_dict(model, optimizer, checkpoint["optimizer"], options=FULL_STATE)
     torch.set_rng_state(checkpoint["rng_cpu"])
@@ -531,26 +590,75 @@ def accumulation_steps(cfg: Config, world: int) -> int:
 
 def train_step(model: nn.Module, wrapped: nn.Module, optimizer, stream: TokenStream,
                cfg: Config, step: int, accumulation: int, device: torch.device,
-               autocast) -> tuple[float, float, float]:
+               autocast, stop_requested: bool = False) -> tuple[float, float, float, bool]:
     """Gradient accumulation over the micro-steps, then the update at this step's lr.
-    Returns (train loss, seconds, of which in the optimizer)."""
+    Returns (train loss: the mean over micro-batches and ranks, seconds, of which in the
+    optimizer, whether any rank was asked to stop)."""
     synchronize(device)
     start = time.perf_counter()
+    loss_sum = torch.zeros((), device=device)
     for micro in range(accumulation):
         x, y = stream.next_batch(device)
         with gradient_sync(wrapped, micro == accumulation - 1), autocast:
             loss = model(x, y) / accumulation
         loss.backward()
+        loss_sum += loss.detach()
     for group in optimizer.param_groups:
         group["lr"] = group["initial_lr"] * lr_factor(step, cfg)
     synchronize(device)
     optimizer_start = time.perf_counter()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    train_loss = loss.item() * accumulation
     synchronize(device)
     end = time.perf_counter()
-    return train_loss, end - start, end - optimizer_start
+    # one small all-reduce, off the clock: the mean loss, and whether any rank must stop
+    shared = torch.stack([loss_sum.float(), torch.tensor(float(stop_requested), device=device)])
+    if dist.is_initialized():
+        dist.all_reduce(shared)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return shared[0].item() / world, end - start, end - optimizer_start, shared[1].item() > 0
+
+
+class StopRequest:
+    """Ctrl-C or SIGTERM (a preempted job) asks the run to stop: at the end of the current
+    step every rank saves the checkpoint and exits cleanly; --resume continues from there."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def compile_warm_up(model: nn.Module, optimizer, stream: TokenStream, take_step) -> None:
+    """Compile off the clock, as the speedruns do: take_step() once, then put the parameters,
+    the optimizer state and the data position back as they were."""
+    params = [p.detach().clone() for p in model.parameters()]
+    state = {p: {k: v.clone() if isinstance(v, Tensor) else v for k, v in s.items()}
+             for p, s in optimizer.state.items()}
+    position = stream.state()
+    take_step()
+    with torch.no_grad():
+        for p, saved in zip(model.parameters(), params):
+            p.copy_(saved)
+    optimizer.state.clear()
+    optimizer.state.update(state)
+    stream.load_state(position)
+
+
+def mixed_precision(device: torch.device) -> MixedPrecisionPolicy:
+    """On CUDA, FSDP2's recommended policy: bf16 parameters for compute (all-gathers move half
+    the bytes), gradients reduced in fp32. On CPU everything stays fp32."""
+    if device.type == "cuda":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
 
 
 def device_mesh(device: torch.device, world: int, replicas: int):
@@ -574,35 +682,40 @@ def check_layout(args, world: int) -> None:
 def train(args, rank: int, world: int, device: torch.device) -> dict:
     check_layout(args, world)
     cfg = resolve_config(args, device)
+    checkpoint_path = find_checkpoint(args.resume) if args.resume else None
+    checkpoint = read_checkpoint(checkpoint_path) if checkpoint_path else None
+    if checkpoint:
+        check_resumable(checkpoint, cfg, checkpoint_path)
     accumulation = accumulation_steps(cfg, world)
     use_compile = args.compile if args.compile is not None else device.type == "cuda"
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                 else contextlib.nullcontext())
     train_files, val_files = prepare_data(cfg, args.data_dir, rank, world)
     val_steps = evaluation_steps(cfg, val_files, world)
-    val_stream = TokenStream(val_files, cfg.micro_batch, cfg.seq_len, rank, world)
-    stream = TokenStream(train_files, cfg.micro_batch, cfg.seq_len, rank, world)
+    val_stream = TokenStream(val_files, cfg.micro_batch, cfg.seq_len, rank, world,
+                             cfg.vocab_size)
+    stream = TokenStream(train_files, cfg.micro_batch, cfg.seq_len, rank, world, cfg.vocab_size)
 
     # -- model and optimizer
     torch.manual_seed(args.seed)
     raw_model = GPT(cfg).to(device)
     sharded = world > 1 and args.parallel == "fsdp"
     if sharded:   # every block, then the rest (embeddings, head): rows split over ranks
-        mesh = device_mesh(device, world, args.replicas)
+        mesh, policy = device_mesh(device, world, args.replicas), mixed_precision(device)
         for block in raw_model.blocks:
-            fully_shard(block, mesh=mesh)
-        fully_shard(raw_model, mesh=mesh)
+            fully_shard(block, mesh=mesh, mp_policy=policy)
+        fully_shard(raw_model, mesh=mesh, mp_policy=policy)
     wrapped = DistributedDataParallel(raw_model) if world > 1 and not sharded else raw_model
     optimizer = build_optimizer(raw_model, cfg, args.optimizer, sharded, use_compile)
     model = torch.compile(wrapped) if use_compile else wrapped
 
     run, resumed_at = RunState(), None
-    if args.resume:
-        path = find_checkpoint(args.resume)
-        run = load_checkpoint(path, raw_model, optimizer)
+    if checkpoint:
+        run = load_checkpoint(checkpoint, raw_model, optimizer)
+        del checkpoint
         stream.load_state(run.stream)
-        resumed_at = run.step   # the run that saved it evaluated this step (unless stopping)
-        print0(f"resumed from {path} at step {run.step}")
+        resumed_at = run.step   # the run that saved it evaluated this step, then saved
+        print0(f"resumed from {checkpoint_path} at step {run.step}")
     n_params = sum(p.numel() for p in raw_model.parameters())
     parallel = f"{world} ranks ({args.parallel})" if world > 1 else "1 rank"
     if args.replicas > 1:
@@ -621,40 +734,51 @@ def train(args, rank: int, world: int, device: torch.device) -> dict:
     stop_at = min(args.stop_at_step or cfg.max_steps, cfg.max_steps)
     bar = tqdm(total=cfg.max_steps, initial=run.step, disable=rank != 0, dynamic_ncols=True,
                mininterval=1.0)
-    warmed_up = not use_compile   # a compiling first step is off the clock
-    while True:
-        # -- evaluate (off the clock)
-        due = run.step % cfg.val_every == 0 or run.step == stop_at
-        if due and (run.step != resumed_at or run.step == stop_at):
-            run.val_loss = evaluate(model, val_stream, val_steps, world, device, autocast)
-            if run.reached is None and run.val_loss <= cfg.target_val_loss:
-                run.reached = {"step": run.step, "train_time_s": run.train_time}
-            print0(f"step {run.step}/{cfg.max_steps} val loss {run.val_loss:.4f} "
-                   f"train time {run.train_time:.1f}s")
-            log_line({"kind": "val", "step": run.step, "val_loss": run.val_loss,
-                      "train_loss": run.train_loss, "train_time_s": run.train_time})
-        if run.step == stop_at:
-            break
-        # -- step
-        run.train_loss, seconds, optimizer_seconds = train_step(
-            model, wrapped, optimizer, stream, cfg, run.step, accumulation, device, autocast)
-        if warmed_up:
+    step_once = functools.partial(train_step, model=model, wrapped=wrapped, optimizer=optimizer,
+                                  stream=stream, cfg=cfg, accumulation=accumulation,
+                                  device=device, autocast=autocast)
+    if use_compile and run.step < stop_at:
+        compile_warm_up(raw_model, optimizer, stream, functools.partial(step_once, step=run.step))
+    stop = StopRequest()
+    interrupted = False
+    try:
+        while True:
+            if run.step != resumed_at:   # (a resumed run's first step was done before saving)
+                # -- evaluate (off the clock), then checkpoint: a checkpoint holds its step's
+                # val loss and whether the target was reached there
+                if run.step % cfg.val_every == 0 or run.step == stop_at:
+                    run.val_loss = evaluate(model, val_stream, val_steps, world, device, autocast)
+                    if run.reached is None and run.val_loss <= cfg.target_val_loss:
+                        run.reached = {"step": run.step, "train_time_s": run.train_time}
+                    print0(f"step {run.step}/{cfg.max_steps} val loss {run.val_loss:.4f} "
+                           f"train time {run.train_time:.1f}s")
+                    log_line({"kind": "val", "step": run.step, "val_loss": run.val_loss,
+                              "train_loss": run.train_loss, "train_time_s": run.train_time})
+                periodic = args.save_every and run.step % args.save_every == 0
+                stopping_early = run.step == stop_at < cfg.max_steps
+                if run.step > 0 and (periodic or interrupted or stopping_early):
+                    run.stream = stream.state()
+                    save_checkpoint(args.out_dir / f"checkpoint_{run.step:06d}.pt", raw_model,
+                                    optimizer, run, cfg, rank)
+                    if dist.is_initialized():
+                        dist.barrier()
+            if run.step == stop_at or interrupted:
+                break
+            # -- step
+            run.train_loss, seconds, optimizer_seconds, interrupted = step_once(
+                step=run.step, stop_requested=stop.requested)
             run.train_time += seconds
             run.optimizer_time += optimizer_seconds
             run.counted_steps += 1
-        warmed_up = True
-        run.step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{run.train_loss:.3f}",
-                        tok_s=f"{run.tokens_per_s(cfg.tokens_per_step):.0f}", refresh=False)
-        # -- checkpoint
-        stopping_early = run.step == stop_at and stop_at < cfg.max_steps
-        if (args.save_every and run.step % args.save_every == 0) or stopping_early:
-            run.stream = stream.state()
-            save_checkpoint(args.out_dir / f"checkpoint_{run.step:06d}.pt", raw_model,
-                            optimizer, run, cfg, rank)
-            if dist.is_initialized():
-                dist.barrier()
+            run.step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{run.train_loss:.3f}",
+                            tok_s=f"{run.tokens_per_s(cfg.tokens_per_step):.0f}", refresh=False)
+    finally:
+        stop.restore()
+    if interrupted:
+        print0(f"stopped by a signal at step {run.step}: checkpoint saved; continue with "
+               f"--resume {args.out_dir}")
     bar.close()
 
     if device.type == "cuda":
@@ -662,6 +786,7 @@ def train(args, rank: int, world: int, device: torch.device) -> dict:
     else:
         peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     summary = {"kind": "summary", "steps": run.step, "finished": run.step == cfg.max_steps,
+               "interrupted": interrupted,
                "val_loss": run.val_loss, "train_time_s": run.train_time,
                "tokens_per_s": run.tokens_per_s(cfg.tokens_per_step),
                "optimizer_time_s": run.optimizer_time,

@@ -46,7 +46,8 @@ def matrix_gradients(checkpoint: Path, steps: int, data_dir: Path | None):
     """The chosen matrix's gradients over the next `steps` batches, the model held fixed."""
     model, cfg, run = train_gpt.model_from_checkpoint(checkpoint)
     train_files, _ = train_gpt.find_shards(data_dir or train_gpt.default_data_dir())
-    stream = train_gpt.TokenStream(train_files, cfg.micro_batch, cfg.seq_len, 0, 1)
+    stream = train_gpt.TokenStream(train_files, cfg.micro_batch, cfg.seq_len, 0, 1,
+                                   cfg.vocab_size)
     stream.load_state(run.stream)
     layer = cfg.n_layer // 2
     weight = model.blocks[layer].mlp.fc.weight                  # (4D, D): a tall matrix

@@ -181,3 +181,12 @@ def test_synthetic_shards_are_valid_gpt2_vocabulary_shards(tmp_path):
     assert tokens.max() < synthetic_shards.GPT2_VOCAB
     counts = torch.bincount(tokens, minlength=10)
     assert counts[0] > counts[1] > counts[9]           # Zipf: the first ids are the commonest
+
+
+def test_versions_step_times_both_versions_in_every_round():
+    import versions_step
+    result = versions_step.main(["--base", "HEAD", "--layers", "1", "--scale", "8",
+                                 "--rounds", "2", "--warmup", "0"])
+    assert {name: len(times) for name, times in result["times_s"].items()} == {"base": 2,
+                                                                                "this": 2}
+    assert result["ratio"] > 0

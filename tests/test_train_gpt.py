@@ -1,10 +1,13 @@
 """train_gpt.py end to end on CPU: the shard format, broken files, python and torchrun runs
 (the 2-rank run against the 1-rank run), exact resume, and every --optimizer."""
+import dataclasses
 import json
 import os
+import signal
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -76,7 +79,61 @@ def test_broken_shard_stops_the_run_before_training_naming_the_file(tmp_path, ki
         train_gpt.main([*SMALL, "--data-dir", str(data_dir), "--out-dir", str(out_dir),
                         "--max-steps", "200"])
     assert str(bad) in str(error.value)
-    assert not (out_dir / "log.jsonl").exists()      # nothing ran
+    if kind != "vocab":   # headers are checked at start-up; token ids as a shard is opened
+        assert not (out_dir / "log.jsonl").exists()      # nothing ran
+
+
+def test_start_up_reads_shard_headers_only(tmp_path, monkeypatch):
+    for index in range(50):
+        write_shard(tmp_path / f"d_train_{index:06d}.bin", [7] * 5000)
+    write_shard(tmp_path / "d_val_000000.bin", [7] * 5000)
+
+    def no_token_reads(*args):
+        raise AssertionError("start-up read a shard's tokens")
+
+    for name in ("read_shard", "map_shard", "check_token_range"):
+        monkeypatch.setattr(train_gpt, name, no_token_reads)
+    cfg = train_gpt.PRESETS["tiny"]
+    train, val = train_gpt.prepare_data(dataclasses.replace(cfg, micro_batch=2, seq_len=64),
+                                        tmp_path, 0, 1)
+    assert len(train) == 50 and len(val) == 1
+
+
+def reference_batches(files, B, T, rank, world, count):
+    """The token stream as plain reads of whole shards: each micro-step takes world*B*T
+    tokens, rank r the r-th (B, T) block; a shard too short for the next step is left."""
+    batches, index, position = [], 0, 0
+    tokens = read_shard(files[0]).to(torch.int64)
+    for _ in range(count):
+        if position + world * B * T + 1 > len(tokens):
+            index, position = (index + 1) % len(files), 0
+            tokens = read_shard(files[index]).to(torch.int64)
+        start = position + rank * B * T
+        batches.append(tokens[start:start + B * T + 1])
+        position += world * B * T
+    return batches
+
+
+@pytest.mark.parametrize("rank, world", [(0, 1), (1, 2)])
+def test_token_stream_serves_the_shards_in_order_and_resumes(tmp_path, rank, world):
+    gen = torch.Generator().manual_seed(0)
+    files = []
+    for index, length in enumerate((3000, 1000, 2500)):
+        files.append(tmp_path / f"s_train_{index:06d}.bin")
+        write_shard(files[-1], torch.randint(0, 256, (length,), generator=gen))
+    expected = reference_batches(files, 4, 32, rank, world, 40)   # wraps around twice
+    stream = train_gpt.TokenStream(files, 4, 32, rank, world, 256)
+    served = []
+    for i in range(40):
+        if i == 17:   # a resume: a new stream continues from the saved position
+            state = stream.state()
+            stream = train_gpt.TokenStream(files, 4, 32, rank, world, 256)
+            stream.load_state(state)
+        x, y = stream.next_batch(torch.device("cpu"))
+        served.append(torch.cat([x.flatten(), y.flatten()[-1:]]))
+        assert torch.equal(x.flatten()[1:], y.flatten()[:-1])
+    for a, b in zip(served, expected, strict=True):
+        assert torch.equal(a, b)
 
 
 def test_data_dir_without_val_shards_is_refused(tmp_path):
@@ -147,6 +204,10 @@ def test_torchrun_two_ranks_match_one_rank(tmp_path, corpus, one_rank_run, paral
     for a, b in zip(one_evals, two_evals, strict=True):
         assert a["step"] == b["step"]
         assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-4)
+        # the logged train loss is the mean over micro-batches and ranks: one rank's two
+        # micro-batches are the two ranks' one each
+        if a["train_loss"] is not None:
+            assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
 
 
 def test_torchrun_hsdp_two_by_two_matches_one_rank(tmp_path, corpus, one_rank_run):
@@ -171,6 +232,107 @@ def test_replicas_must_divide_the_ranks(tmp_path, corpus):
     with pytest.raises(ValueError, match="--replicas 3 must divide the number of ranks 1"):
         train_gpt.main([*SMALL, "--data-dir", str(corpus), "--out-dir", str(tmp_path),
                         "--replicas", "3"])
+
+
+def test_stop_where_the_target_is_first_reached_and_resume_keeps_the_speedrun_metric(
+        tmp_path, corpus):
+    common = [*SMALL, "--data-dir", str(corpus), "--max-steps", "24", "--val-every", "4"]
+    train_gpt.main([*common, "--out-dir", str(tmp_path / "probe")])
+    probe, _ = read_log(tmp_path / "probe")
+    # the target: the lowest val loss up to step 20, first reached at its step
+    first = min((e for e in probe if e["step"] <= 20), key=lambda e: e["val_loss"])["step"]
+    losses = {e["step"]: e["val_loss"] for e in probe}
+    target = ["--target-val-loss", repr(losses[first])]
+    straight = train_gpt.main([*common, *target, "--out-dir", str(tmp_path / "straight")])
+    train_gpt.main([*common, *target, "--out-dir", str(tmp_path / "split"),
+                    "--stop-at-step", str(first)])
+    resumed = train_gpt.main([*common, *target, "--out-dir", str(tmp_path / "split"),
+                              "--resume", str(tmp_path / "split")])
+    assert straight["target_reached_step"] == resumed["target_reached_step"] == first
+    split, _ = read_log(tmp_path / "split")
+    at_stop = next(e for e in split if e["step"] == first)   # the clock of the stopped run
+    assert resumed["target_reached_time_s"] == at_stop["train_time_s"] > 0
+    assert [e["step"] for e in split] == [e["step"] for e in probe]   # each step logged once
+
+
+def test_broken_or_foreign_checkpoint_is_refused_naming_the_file(tmp_path, corpus):
+    common = [*SMALL, "--data-dir", str(corpus), "--max-steps", "8", "--val-every", "4"]
+    train_gpt.main([*common, "--out-dir", str(tmp_path / "run"), "--stop-at-step", "4"])
+    checkpoint = tmp_path / "run" / "checkpoint_000004.pt"
+    truncated = tmp_path / "truncated" / "checkpoint_000004.pt"
+    truncated.parent.mkdir()
+    truncated.write_bytes(checkpoint.read_bytes()[:5000])
+    with pytest.raises(ValueError, match="not a readable checkpoint.*truncated") as error:
+        train_gpt.main([*common, "--out-dir", str(tmp_path / "a"), "--resume", str(truncated)])
+    assert str(truncated) in str(error.value)
+    with pytest.raises(ValueError, match=r"another model \(n_layer 2 there, 3 here") as error:
+        train_gpt.main([*common, "--n-layer", "3", "--out-dir", str(tmp_path / "b"),
+                        "--resume", str(checkpoint)])
+    assert str(checkpoint) in str(error.value)
+    for out in ("a", "b"):
+        assert not (tmp_path / out / "log.jsonl").exists()   # stopped before any work
+
+
+def test_shard_named_both_train_and_val_is_refused(tmp_path):
+    write_shard(tmp_path / "a_train_000000.bin", list(range(256)) * 10)
+    write_shard(tmp_path / "a_val_000000.bin", list(range(256)) * 10)
+    write_shard(tmp_path / "trainval_000000.bin", list(range(256)) * 10)
+    with pytest.raises(ValueError, match="trainval_000000.bin: the name contains both"):
+        train_gpt.find_shards(tmp_path)
+
+
+def test_mixed_precision_is_bf16_compute_with_fp32_reduction_on_cuda_only():
+    cuda = train_gpt.mixed_precision(torch.device("cuda"))
+    assert (cuda.param_dtype, cuda.reduce_dtype) == (torch.bfloat16, torch.float32)
+    cpu = train_gpt.mixed_precision(torch.device("cpu"))
+    assert cpu.param_dtype is None and cpu.reduce_dtype is None
+
+
+def worker_pids(launcher_pid: int) -> list[int]:
+    """The processes torchrun started (its children that run train_gpt.py)."""
+    children = Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split()
+    return [int(pid) for pid in children
+            if "train_gpt.py" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")]
+
+
+def test_sigterm_saves_on_every_rank_exits_cleanly_and_resumes_exactly(tmp_path, corpus):
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node=2"]
+    common = [*SMALL, "--data-dir", str(corpus), "--max-steps", "200", "--val-every", "2"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run_dir = tmp_path / "run"
+    process = subprocess.Popen([*launcher, str(ROOT / "train_gpt.py"), *common, "--out-dir",
+                                str(run_dir)], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        log = run_dir / "log.jsonl"
+        while not (log.exists() and log.read_text().count("\n") >= 2):   # training is under way
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        workers = worker_pids(process.pid)
+        assert len(workers) == 2
+        for pid in workers:            # as a scheduler preempting the job signals every task
+            os.kill(pid, signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 0, stderr[-3000:]
+    _, summary = read_log(run_dir)
+    assert summary["interrupted"] and not summary["finished"]
+    stopped_at = summary["steps"]
+    assert (run_dir / f"checkpoint_{stopped_at:06d}.pt").exists()
+
+    for args in ([*common, "--out-dir", str(run_dir), "--resume", str(run_dir), "--max-steps",
+                  "200", "--stop-at-step", str(stopped_at + 6)],
+                 [*common, "--out-dir", str(tmp_path / "straight"), "--stop-at-step",
+                  str(stopped_at + 6)]):
+        result = run_cli(args, launcher=launcher)
+        assert result.returncode == 0, result.stderr[-3000:]
+    resumed, _ = read_log(run_dir)
+    straight, _ = read_log(tmp_path / "straight")
+    assert [(e["step"], e["val_loss"], e["train_loss"]) for e in resumed] == \
+           [(e["step"], e["val_loss"], e["train_loss"]) for e in straight]
 
 
 def test_resume_continues_bit_exactly(tmp_path, corpus):
