@@ -183,8 +183,7 @@ class DistributedNorMuon(NorMuon):
                 else:
                     self.matrix_state(p)
                     matrices.append(p)
-        hsdp = self.mesh is not None and self.mesh.ndim == 2
-        self.replicas = self.mesh.size(0) if hsdp else 1
+        self.replicas = self.mesh.size(0) if self.hsdp else 1
         self.rank = dist.get_rank(self.row_group)
         self.world = dist.get_world_size(self.row_group)
         self.device = matrices[0].device if matrices else torch.device("cpu")
@@ -192,12 +191,14 @@ class DistributedNorMuon(NorMuon):
         self.owner = {p: owner for p, owner in zip(matrices, owners)}
 
     @property
+    def hsdp(self) -> bool:
+        return self.mesh is not None and self.mesh.ndim == 2
+
+    @property
     def row_group(self):
         """The ranks that split each matrix's rows, among which matrices have owners: the
         process group, or on an HSDP mesh the shard ranks of this rank's replica group."""
-        if self.mesh is not None and self.mesh.ndim == 2:
-            return self.mesh.get_group(1)
-        return self.process_group
+        return self.mesh.get_group(1) if self.hsdp else self.process_group
 
     def ns_flops_per_rank(self) -> list[int]:
         """Orthogonalizer FLOPs of each rank per step, from the owner assignment."""

@@ -377,11 +377,8 @@ class NorMuon(torch.optim.Optimizer):
 
     def _matrix_steps(self, matrix_groups: list[tuple[dict, list[Tensor]]]) -> None:
         for group, params in matrix_groups:
-            self._matrix_step(group, params)
-
-    def _matrix_step(self, group: dict, params: list[Tensor]) -> None:
-        states = [self.matrix_state(p, group["neuron_axis"]) for p in params]
-        self._step_matrices(group, [(p, p.grad, state) for p, state in zip(params, states)])
+            self._step_matrices(group, [(p, p.grad, self.matrix_state(p, group["neuron_axis"]))
+                                        for p in params])
 
     def _step_matrices(self, group: dict, matrices: list[tuple[Tensor, Tensor, dict]]) -> None:
         """Steps 1-7 for (param, grad, state) triples of plain tensors, batched by shape."""
@@ -528,8 +525,9 @@ def check_param_group(group: dict, index: int) -> None:
 # in, the same names are hidden layers (BERT's attention.output.dense, a block's mlp.fc).
 HEAD_NAMES = ("lm_head", "head", "heads", "output", "classifier", "score", "qa_outputs", "fc",
               "fc_out")
-CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)                       # weight (out, in, k...)
-TRANSPOSED_CONVOLUTIONS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)  # (in, out, k...)
+CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)                     # weights (out, in, k...)
+# weights (in, out, k...)
+TRANSPOSED_CONVOLUTIONS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 ATTENTION_PROJECTIONS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
 
 

@@ -29,8 +29,8 @@ import json
 import os
 import pickle
 import random
-import signal
 import resource
+import signal
 import struct
 import sys
 import sysconfig
@@ -483,17 +483,22 @@ def evaluate(model: nn.Module, stream: TokenStream, steps: int, world: int,
 class RunState:
     """The run's bookkeeping: what a checkpoint saves besides the model, the optimizer and the
     RNG, and what the summary reports."""
-    step: int = 0                  # optimizer steps taken
+    step: int = 0                  # optimizer steps taken, every one inside train_time
     train_time: float = 0.0        # seconds of training steps (no evaluation, no compile)
-    counted_steps: int = 0         # the steps inside train_time
     optimizer_time: float = 0.0    # of train_time, in optimizer.step()
     reached: dict | None = None    # {"step", "train_time_s"} where val loss first hit target
     stream: dict | None = None     # the training stream's position
     train_loss: float | None = None
     val_loss: float | None = None
 
+    @classmethod
+    def from_saved(cls, saved: dict) -> "RunState":
+        """From a checkpoint's "run", keeping the fields this version has (earlier ones also
+        saved counted_steps, now always equal to step)."""
+        return cls(**{f.name: saved[f.name] for f in dataclasses.fields(cls) if f.name in saved})
+
     def tokens_per_s(self, tokens_per_step: int) -> float:
-        return self.counted_steps * tokens_per_step / max(self.train_time, 1e-9)
+        return self.step * tokens_per_step / max(self.train_time, 1e-9)
 
 
 # whole (unsharded) tensors on CPU, so one file serves any world size and parallelism
@@ -546,7 +551,7 @@ def load_checkpoint(checkpoint: dict, model: nn.Module, optimizer) -> RunState:
     set_model_state_dict(model, checkpoint["model"], options=FULL_STATE)
     set_optimizer_state_dict(model, optimizer, checkpoint["optimizer"], options=FULL_STATE)
     torch.set_rng_state(checkpoint["rng_cpu"])
-    return RunState(**checkpoint["run"])
+    return RunState.from_saved(checkpoint["run"])
 
 
 def model_from_checkpoint(path: Path) -> tuple[GPT, Config, RunState]:
@@ -555,7 +560,7 @@ def model_from_checkpoint(path: Path) -> tuple[GPT, Config, RunState]:
     cfg = Config(**checkpoint["config"])
     model = GPT(cfg)
     model.load_state_dict(checkpoint["model"])
-    return model, cfg, RunState(**checkpoint["run"])
+    return model, cfg, RunState.from_saved(checkpoint["run"])
 
 
 def find_checkpoint(path: Path) -> Path:
@@ -772,7 +777,6 @@ def train(args, rank: int, world: int, device: torch.device) -> dict:
                 step=run.step, stop_requested=stop.requested)
             run.train_time += seconds
             run.optimizer_time += optimizer_seconds
-            run.counted_steps += 1
             run.step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{run.train_loss:.3f}",

@@ -4,9 +4,11 @@ matmul limit, every variant stepped in turn in one process.
     python bench/optimizer_step.py                    # the 48 matrices of GPT-2 124M
     python bench/optimizer_step.py --shapes small     # GPT-2 shapes / 4, 2 layers: seconds
     python bench/optimizer_step.py --shapes 1b --device cuda   # width 2048, 24 layers
+    python bench/optimizer_step.py --base e4ce816     # also normuon.py as it was at a commit
 
 Variants: our normuon and muon, eager and compiled (torch.compile(opt.step)), torch.optim.Muon,
-torch.optim.AdamW, and "limit": the Newton-Schulz matmuls of the same matrices alone (bf16,
+torch.optim.AdamW, with --base REV normuon.py at git revision REV (to check that a change
+costs no time), and "limit": the Newton-Schulz matmuls of the same matrices alone (bf16,
 batched by shape as ours batches them, written into preallocated outputs: no normalization,
 no casts, no allocation), i.e. the matmul time no Muon-family step can go below.
 
@@ -20,8 +22,10 @@ CUDA; on CPU, torch's dispatch-level tracker (MemTracker), which cannot see insi
 code, so compiled variants have none there. Default allocator settings.
 """
 import argparse
+import importlib.util
 import json
 import statistics
+import subprocess
 import sys
 import time
 import weakref
@@ -62,11 +66,23 @@ class MatmulLimit:
             polynomial_iterations(X, self.coefficients, buffers)
 
 
-def variants(compile: bool) -> dict:
+def normuon_at(revision: str):
+    """normuon.py as it was at git `revision`, as a module of its own."""
+    source = subprocess.run(["git", "show", f"{revision}:normuon.py"], cwd=ROOT, check=True,
+                            capture_output=True, text=True).stdout
+    module = importlib.util.module_from_spec(
+        importlib.util.spec_from_loader(f"normuon_at_{revision}", loader=None))
+    exec(compile(source, f"normuon.py at {revision}", "exec"), module.__dict__)
+    return module
+
+
+def variants(compile: bool, base: str | None = None) -> dict:
     """name -> (make optimizer from params, compile its step?). Eager ones first in the warm-up:
     once something has compiled, Inductor's workers can keep a small machine busy a while."""
-    table = {
-        "normuon (ours)": (lambda ps: NorMuon(ps, lr=1e-3), False),
+    table = {"normuon (ours)": (lambda ps: NorMuon(ps, lr=1e-3), False)}
+    if base:
+        table[f"normuon at {base}"] = (lambda ps: normuon_at(base).NorMuon(ps, lr=1e-3), False)
+    table |= {
         "muon (ours)": (lambda ps: NorMuon(ps, lr=1e-3, algorithm="muon",
                                            adjust_lr="original"), False),
         "torch.optim.Muon": (lambda ps: torch.optim.Muon(ps, lr=1e-3), False),
@@ -138,14 +154,14 @@ def profile_table(step, device: torch.device, rows: int = 25) -> str:
 
 
 def measure(shapes, device, rounds: int, warmup: int, compile: bool,
-            profile: list[str] = ()) -> dict:
+            profile: list[str] = (), base: str | None = None) -> dict:
     torch.manual_seed(0)
     params = [nn.Parameter(torch.randn(m, n, device=device) / n ** 0.5) for m, n in shapes]
     for p in params:
         p.grad = torch.randn_like(p)
     steps = {"limit": MatmulLimit(shapes, device).step}
     compiled = set()
-    for name, (make, compiled_step) in variants(compile).items():
+    for name, (make, compiled_step) in variants(compile, base).items():
         opt = make(params)
         steps[name] = torch.compile(opt.step) if compiled_step else opt.step
         if compiled_step:
@@ -177,6 +193,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--rounds", type=int, default=10, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--no-compile", action="store_true", help="skip compiled variants")
+    parser.add_argument("--base", metavar="REV",
+                        help="also time normuon.py as it was at this git revision")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--profile", nargs="+", default=[], metavar="VARIANT",
                         help="also print the profiler's table of one step of these variants")
@@ -187,7 +205,7 @@ def main(argv=None) -> dict:
     flops = sum(newton_schulz_flops(m, n) for m, n in shapes)
 
     result = measure(shapes, device, args.rounds, args.warmup, not args.no_compile,
-                     args.profile)
+                     args.profile, args.base)
     median = {name: statistics.median(t) for name, t in result["times_s"].items()}
     limit, peer = median["limit"], median["torch.optim.Muon"]
     print(f"{len(shapes)} matrices ({label}), {elements / 1e6:.1f}M elements on {device}; "
@@ -202,6 +220,9 @@ def main(argv=None) -> dict:
         spread = f"{min(t) * 1e3:.1f}-{max(t) * 1e3:.1f}"
         print(f"{name:<26}{median[name] * 1e3:>10.2f}{spread:>18}{median[name] / limit:>9.2f}"
               f"{median[name] / peer:>13.2f}{peak_text:>12}")
+    if args.base:
+        ratio = median["normuon (ours)"] / median[f"normuon at {args.base}"]
+        print(f"\nnormuon (ours) / normuon at {args.base}: {ratio:.3f} (ratio of medians)")
     summary = {"device": str(device), "torch": torch.__version__, "shapes": args.shapes,
                "elements": elements, "newton_schulz_flops": flops, "rounds": args.rounds,
                "warmup": args.warmup, "median_s": median, **result}

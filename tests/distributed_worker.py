@@ -183,8 +183,7 @@ def scenario_checkpoint(world, rank, mesh, out_dir):
                                    for name in ("a.weight", "conv.weight", "tiny.weight"))
     train(model, opt, 3, gradients="random")
     checkpoint = out_dir / f"dcp_w{world}"
-    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
-             checkpoint_id=checkpoint)
+    save_checkpoint(model, opt, checkpoint)
     train(model, opt, 3, first_step=3, gradients="random")
     straight = full_params(model)
 
@@ -199,6 +198,11 @@ def scenario_checkpoint(world, rank, mesh, out_dir):
                 second_moment_dtype=second_moment_dtype)
 
 
+def save_checkpoint(model, opt, checkpoint):
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+             checkpoint_id=checkpoint)
+
+
 def load_checkpoint(model, opt, checkpoint):
     state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
     dcp.load(state, checkpoint_id=checkpoint)
@@ -206,18 +210,24 @@ def load_checkpoint(model, opt, checkpoint):
     set_optimizer_state_dict(model, opt, state["optim"])
 
 
-def scenario_reshard(world, rank, mesh, out_dir):
-    """Load the 2-rank step-3 checkpoint at this world size, take 3 steps, compare with 6
-    single-device steps."""
-    config = dict(orthogonalizer="svd")
+def error_after_resuming(mesh, checkpoint):
+    """Load a step-3 checkpoint (svd) onto a model sharded over `mesh`, take 3 steps: the
+    error against 6 single-device steps."""
     model = sharded(new_model(), mesh)
-    opt = DistributedNorMuon(make_groups(model), **HYPER, **config, compile=False)
-    load_checkpoint(model, opt, out_dir / "dcp_w2")
+    opt = DistributedNorMuon(make_groups(model), **HYPER, orthogonalizer="svd", compile=False)
+    load_checkpoint(model, opt, checkpoint)
     train(model, opt, 3, first_step=3, gradients="random")
     reference = new_model()
     start = full_params(reference)
-    train(reference, NorMuon(make_groups(reference), **HYPER, **config), 6, gradients="random")
-    return dict(error=relative_error(full_params(model), full_params(reference), start))
+    train(reference, NorMuon(make_groups(reference), **HYPER, orthogonalizer="svd"), 6,
+          gradients="random")
+    return relative_error(full_params(model), full_params(reference), start)
+
+
+def scenario_reshard(world, rank, mesh, out_dir):
+    """Load the 2-rank step-3 checkpoint at this world size, take 3 steps, compare with 6
+    single-device steps."""
+    return dict(error=error_after_resuming(mesh, out_dir / "dcp_w2"))
 
 
 def scenario_compile(world, rank, mesh):
@@ -338,8 +348,7 @@ def scenario_hsdp_save(world, rank, mesh, out_dir):
     model = sharded(new_model(), hsdp_mesh(2, world))
     opt = DistributedNorMuon(make_groups(model), **HYPER, orthogonalizer="svd", compile=False)
     train(model, opt, 3, gradients="random")
-    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
-             checkpoint_id=out_dir / "dcp_hsdp")
+    save_checkpoint(model, opt, out_dir / "dcp_hsdp")
     return dict(saved=True)
 
 
@@ -347,16 +356,8 @@ def scenario_hsdp_load(world, rank, mesh, out_dir):
     """Load the 2 x 2 checkpoint on a 1 x world (2 ranks) or world x 1 (4 ranks) mesh, take 3
     steps, compare with 6 single-device steps."""
     replicas = 1 if world == 2 else world
-    model = sharded(new_model(), hsdp_mesh(replicas, world))
-    opt = DistributedNorMuon(make_groups(model), **HYPER, orthogonalizer="svd", compile=False)
-    load_checkpoint(model, opt, out_dir / "dcp_hsdp")
-    train(model, opt, 3, first_step=3, gradients="random")
-    reference = new_model()
-    start = full_params(reference)
-    train(reference, NorMuon(make_groups(reference), **HYPER, orthogonalizer="svd"), 6,
-          gradients="random")
-    return dict(error=relative_error(full_params(model), full_params(reference), start),
-                mesh=[replicas, world // replicas])
+    error = error_after_resuming(hsdp_mesh(replicas, world), out_dir / "dcp_hsdp")
+    return dict(error=error, mesh=[replicas, world // replicas])
 
 
 def main():

@@ -183,10 +183,10 @@ def test_synthetic_shards_are_valid_gpt2_vocabulary_shards(tmp_path):
     assert counts[0] > counts[1] > counts[9]           # Zipf: the first ids are the commonest
 
 
-def test_versions_step_times_both_versions_in_every_round():
-    import versions_step
-    result = versions_step.main(["--base", "HEAD", "--layers", "1", "--scale", "8",
-                                 "--rounds", "2", "--warmup", "0"])
-    assert {name: len(times) for name, times in result["times_s"].items()} == {"base": 2,
-                                                                                "this": 2}
-    assert result["ratio"] > 0
+def test_optimizer_step_base_revision_is_one_more_variant_in_every_round():
+    import optimizer_step
+    summary = optimizer_step.main(["--shapes", "small", "--no-compile", "--rounds", "2",
+                                   "--warmup", "1", "--base", "HEAD"])
+    assert len(summary["times_s"]["normuon at HEAD"]) == 2
+    assert summary["times_s"].keys() - {"normuon at HEAD"} == {
+        "limit", "normuon (ours)", "muon (ours)", "torch.optim.Muon", "torch.optim.AdamW"}
