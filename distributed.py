@@ -129,7 +129,7 @@ class Matrix:
     owner: int
     rows: list[int] | None     # rows per rank when sharded; None when replicated
     U: Tensor                  # (local rows, n) momentum direction
-    O: Tensor | None = None    # (local rows, n) orthogonalized, once it arrives
+    O: Tensor | None = None    # (local rows, n) orthogonalized, in the wire dtype, once it arrives
 
 
 # ----------------------------------------------------------------------------- the optimizer
@@ -329,17 +329,17 @@ class DistributedNorMuon(NorMuon):
                        for r, piece in enumerate(pieces)]
             whole = [torch.cat([by_rank[r][j] for r in range(self.world)]).view(x.m, x.n)
                      for j, x in enumerate(mine)]
-            return torch.stack(whole).to(bucket[0].U.dtype)   # (k, m, n)
+            return torch.stack(whole)   # (k, m, n), in the wire dtype the orthogonalizer reads
         return work, unpack
 
     def _start_scatter(self, bucket: list[Matrix], O: Tensor | None):
         """Start sending each rank its rows of O (or, replicated, every rank all of it);
         returns (work, finish) where finish() stores x.O on every matrix of the bucket."""
-        wire, dtype = self._wire_dtype(bucket[0]), bucket[0].U.dtype
+        wire = self._wire_dtype(bucket[0])
         mine = [x for x in bucket if x.owner == self.rank]
         O_wire = O.to(wire) if O is not None else bucket[0].U.new_empty(0, dtype=wire)
         if bucket[0].rows is None:
-            return self._start_share(bucket, O_wire, dtype)
+            return self._start_share(bucket, O_wire)
         starts = [0, *itertools.accumulate(bucket[0].rows)]
         send = [[O_wire[j, starts[r]:starts[r + 1]] for j in range(len(mine))]
                 for r in range(self.world)]
@@ -351,10 +351,10 @@ class DistributedNorMuon(NorMuon):
             for r, piece in enumerate(pieces):
                 owned = [x for x in bucket if x.owner == r]
                 for x, rows in zip(owned, piece.split([x.rows[self.rank] * x.n for x in owned])):
-                    x.O = rows.view(-1, x.n).to(dtype)
+                    x.O = rows.view(-1, x.n)
         return work, finish
 
-    def _start_share(self, bucket: list[Matrix], O_wire: Tensor, dtype: torch.dtype):
+    def _start_share(self, bucket: list[Matrix], O_wire: Tensor):
         """Replicated matrices: all-gather every owner's results (padded to equal length)."""
         per_rank = [sum(x.m * x.n for x in bucket if x.owner == r) for r in range(self.world)]
         longest = max(per_rank)
@@ -367,7 +367,7 @@ class DistributedNorMuon(NorMuon):
             for r, piece in enumerate(received.split(longest)):
                 owned = [x for x in bucket if x.owner == r]
                 for x, whole in zip(owned, piece[:per_rank[r]].split([x.m * x.n for x in owned])):
-                    x.O = whole.view(x.m, x.n).to(dtype)
+                    x.O = whole.view(x.m, x.n)
         return work, finish
 
     # -- steps 4-7: normalize rows locally, one all-reduce of norms, update
@@ -375,13 +375,13 @@ class DistributedNorMuon(NorMuon):
     def _normalize_and_apply(self, matrices: list[Matrix]) -> None:
         if not matrices:
             return
-        O_hats, sq_norms = [], []
+        row_scales, sq_norms = [], []
         for x in matrices:
             g = x.group
-            O_hat, sq = self._neuron_step(x.O, local(x.state["second_moment"]),
-                                          algorithm=g["algorithm"], beta2=g["beta2"],
-                                          eps=g["eps"], adjust_lr=g["adjust_lr"])
-            O_hats.append(O_hat)
+            row_scale, sq = self._neuron_step(x.O, local(x.state["second_moment"]),
+                                              algorithm=g["algorithm"], beta2=g["beta2"],
+                                              eps=g["eps"])
+            row_scales.append(row_scale)
             sq_norms.append(sq)
         sq_norms = torch.stack(sq_norms)                    # (matrices, 2): this rank's rows
         sharded = torch.tensor([x.rows is not None for x in matrices],
@@ -393,7 +393,7 @@ class DistributedNorMuon(NorMuon):
             payload = sq_norms.numel() * sq_norms.element_size()
             self.last_step_stats["bytes_sent"] += payload
             self.last_step_stats["bytes_received"] += payload
-        for x, O_hat, sq in zip(matrices, O_hats, sq_norms):
+        for x, row_scale, sq in zip(matrices, row_scales, sq_norms):
             g = x.group
-            apply_update(local(x.param), O_hat, sq, x.m, x.n, lr=learning_rate(g),
+            apply_update(local(x.param), x.O, row_scale, sq, x.m, x.n, lr=learning_rate(g),
                          weight_decay=g["weight_decay"], adjust_lr=g["adjust_lr"])

@@ -84,7 +84,6 @@ POLAR_EXPRESS_COEFFICIENTS = (
     (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
     (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
 )
-FLOAT32_MAX = torch.finfo(torch.float32).max
 # Floor for the norms we divide by: an all-zero gradient must give a zero update, not 0/0.
 NORM_FLOOR = 1e-30
 
@@ -98,35 +97,42 @@ def _odd_polynomial_iteration(U: Tensor, coefficients, input_scale: float) -> Te
     owner, and what NorMuon builds: see orthogonalizer_dtype) gives exactly the same result.
     Returns O in U's dtype."""
     X = U.bfloat16()
-    transposed = X.size(-2) > X.size(-1)   # then work on the small Gram matrix (rows <= cols)
-    # |X|_F summed in float64, which no float32 X overflows (float32 does above 1.8e19), and
-    # no additive guard against 0/0 that a tiny X would vanish into: the result is the same
-    # at any scale of U in float32's normal range. A zero X stays zero; a NaN or inf gives NaN.
-    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True, dtype=torch.float64)
-    factor = (1 / (input_scale * norm).clamp_min(1e-300)).clamp_max(FLOAT32_MAX).float()
-    if transposed:   # laid out contiguously: strided views make every matmul copy its input
-        X = X.mT.contiguous().mul_(factor)
-    else:            # (into bf16: a float32 factor would promote X to float32)
-        X = torch.mul(X, factor, out=torch.empty_like(X))
-    batch_shape, X = X.shape[:-2], X.reshape(-1, *X.shape[-2:])   # (B, r, c), r = min(m, n)
-    A = X.new_empty(X.shape[0], X.shape[1], X.shape[1])            # (B, r, r)
+    # |X|_F with no overflow (its float32 sum of squares does above 1.8e19) and no additive
+    # guard that a tiny X would vanish into: X is first scaled by the power of two that brings
+    # its largest entry into [0.5, 1), which is exact, so the result is the same at any scale
+    # of U in bf16's normal range. (A float64 norm did the same, but its float64 copy of X cost
+    # 1-2% of a CPU step.) A zero X stays zero; a NaN or inf gives NaN.
+    entries = X.flatten(-2)                                            # (..., m*n)
+    largest = torch.maximum(entries.amax(-1), -entries.amin(-1)).float()      # (...)
+    exponent = torch.frexp(largest).exponent.clamp(-126, 126)
+    power = torch.ldexp(torch.ones_like(largest), -exponent).bfloat16()[..., None, None]
+    # (into a contiguous X: batched matmuls on a strided one are far slower on a CPU)
+    X = torch.mul(X, power, out=X.new_empty(X.shape))
+    norm = torch.linalg.vector_norm(X.flatten(-2), dim=-1).float()    # (...), rounded to bf16
+    X.mul_((1 / (input_scale * norm).clamp_min(NORM_FLOOR))[..., None, None])
+    batch_shape, X = X.shape[:-2], X.reshape(-1, *X.shape[-2:])       # (B, m, n)
+    r = min(X.shape[-2:])
+    A = X.new_empty(X.shape[0], r, r)                                 # (B, r, r)
     X = polynomial_iterations(X, coefficients, (A, torch.empty_like(A), torch.empty_like(X)))
-    X = X.reshape(*batch_shape, *X.shape[-2:])
-    return (X.mT if transposed else X).to(U.dtype, memory_format=torch.contiguous_format)
+    return X.reshape(*batch_shape, *X.shape[-2:]).to(U.dtype)
 
 
 def polynomial_iterations(X: Tensor, coefficients, buffers: tuple[Tensor, Tensor, Tensor]
                           ) -> Tensor:
-    """The matmuls alone: X <- a*X + (b*A + c*A@A) X, A = X X^T, for X (B, r, c), r <= c, with
-    buffers (A, B, X') of shapes (B, r, r), (B, r, r), (B, r, c). Returns the final X, which is
-    X or X' (the two swap every iteration). Buffers are written in place because on a CPU
-    fresh outputs of these sizes are new pages from the OS each time, and their page faults
-    made X X^T a third slower."""
+    """The matmuls alone: X <- a*X + (b*A + c*A@A) X, A = X X^T, for X (B, m, n) with buffers
+    (A, B, X') of shapes (B, r, r), (B, r, r), (B, m, n), r = min(m, n). A tall X (m > n) is
+    iterated from the right, X <- a*X + X (b*A + c*A@A) with A = X^T X: the same polynomial
+    (p(X X^T) X = X p(X^T X)), still on the small Gram matrix, with no transposed copy of X
+    in and out (those copies cost about 2% of a CPU step). Returns the final X, which is X or
+    X' (the two swap every iteration). Buffers are written in place because on a CPU fresh
+    outputs of these sizes are new pages from the OS each time, and their page faults made
+    X X^T a third slower."""
     A, B, X_next = buffers
+    tall = X.size(-2) > X.size(-1)
     for a, b, c in coefficients:
-        torch.bmm(X, X.mT, out=A)                                  # A = X X^T
-        torch.baddbmm(A, A, A, beta=b, alpha=c, out=B)             # B = b*A + c*A@A
-        torch.baddbmm(X, B, X, beta=a, out=X_next)                 # X = a*X + B@X
+        torch.bmm(*((X.mT, X) if tall else (X, X.mT)), out=A)             # A = Gram matrix
+        torch.baddbmm(A, A, A, beta=b, alpha=c, out=B)                    # B = b*A + c*A@A
+        torch.baddbmm(X, *((X, B) if tall else (B, X)), beta=a, out=X_next)   # a*X + BX | XB
         X, X_next = X_next, X
     return X
 
@@ -198,34 +204,28 @@ def nesterov_direction(momentum_buffer: Tensor, grad: Tensor, momentum: float,
     return grad.lerp(momentum_buffer, momentum) if nesterov else momentum_buffer
 
 
-def normalize_neurons(O: Tensor, second_moment: Tensor, beta2: float, eps: float) -> Tensor:
-    """Steps 4-5: row i of O (..., m, n) divided by sqrt(v_i) + eps, in place; returns O.
+def neuron_step(O: Tensor, second_moment: Tensor, *, algorithm: str, beta2: float,
+                eps: float) -> tuple[Tensor, Tensor]:
+    """Steps 4-5 on O (..., m, n): returns (row_scale, sq_norms), where
+    O^ = O * row_scale[..., None] and sq_norms (..., 2) = (|O^|_F^2, |O|_F^2), the squared norms
+    that step 6 divides by.
 
-    second_moment v (..., m), one value per neuron, is updated in place (no bias correction).
-    In place because O is the step's largest temporary: a copy would double it.
-    """
-    row_mean_square = torch.linalg.vector_norm(O, dim=-1).square() / O.size(-1)  # fused, fast
-    second_moment.lerp_(row_mean_square, 1 - beta2)
-    return O.div_((second_moment.sqrt() + eps).unsqueeze(-1))
-
-
-def squared_norm(X: Tensor) -> Tensor:
-    """|X|_F^2 of each matrix of X (..., m, n), shaped (...)."""
-    return torch.linalg.vector_norm(X, dim=(-2, -1)).square()
-
-
-def neuron_step(O: Tensor, second_moment: Tensor, *, algorithm: str, beta2: float, eps: float,
-                adjust_lr: str) -> tuple[Tensor, Tensor]:
-    """Steps 4-5 on O (..., m, n) (in place for "normuon"; "muon" leaves O as it is), and the
-    squared Frobenius norms that step 6 divides by: returns (O^, norms) with norms (..., 2) =
-    (|O^|_F^2, |O|_F^2), the second only for adjust_lr="original" (else 0).
+    For "normuon", v = second_moment (..., m) is updated in place (no bias correction) and
+    row_scale = 1/(sqrt(v) + eps); for "muon", row_scale = 1. O is only read, and O^ is never
+    formed: apply_update folds row_scale into its one pass over W. (Forming O^ took a float32
+    copy of O, the size of the step's largest temporary, and two more passes over it.)
 
     Each row is normalized on its own, so rows of O may be split across ranks; the norms are
     then each rank's share, and their sum over ranks is the whole matrix's (step 6 needs it).
     """
-    O_sq_norm = squared_norm(O) if adjust_lr == "original" else O.new_zeros(O.shape[:-2])
-    O_hat = normalize_neurons(O, second_moment, beta2, eps) if algorithm == "normuon" else O
-    return O_hat, torch.stack([squared_norm(O_hat), O_sq_norm], dim=-1)
+    row_sq = torch.linalg.vector_norm(O, dim=-1, dtype=second_moment.dtype).square()  # (..., m)
+    if algorithm == "normuon":
+        second_moment.lerp_(row_sq / O.size(-1), 1 - beta2)   # step 4: v_i <- EMA of mean(O_i^2)
+        row_scale = 1 / (second_moment.sqrt() + eps)          # step 5
+    else:
+        row_scale = torch.ones_like(row_sq)
+    sq_norms = torch.stack([(row_sq * row_scale.square()).sum(-1), row_sq.sum(-1)], dim=-1)
+    return row_scale, sq_norms
 
 
 def update_scale(O_hat_sq_norm: Tensor, O_sq_norm: Tensor, m: int, n: int,
@@ -240,15 +240,17 @@ def update_scale(O_hat_sq_norm: Tensor, O_sq_norm: Tensor, m: int, n: int,
     raise ValueError(f"unknown adjust_lr {adjust_lr!r}; choose one of {ADJUST_LR}")
 
 
-def apply_update(param: Tensor, O_hat: Tensor, sq_norms: Tensor, m: int, n: int, *,
-                 lr: float | Tensor, weight_decay: float, adjust_lr: str,
+def apply_update(param: Tensor, O: Tensor, row_scale: Tensor, sq_norms: Tensor, m: int, n: int,
+                 *, lr: float | Tensor, weight_decay: float, adjust_lr: str,
                  neuron_axis: int = 0) -> None:
-    """Steps 6-7 for one matrix: W <- W - lr*wd*W - lr*(lr_hat/lr)*O^, where sq_norms (2,) are
-    the whole matrix's (|O^|^2, |O|^2) and param, O^ hold the same neurons (all, or a shard's).
-    O^ (neurons, n) is scaled in place."""
+    """Steps 6-7 for one matrix: W <- W - lr*wd*W - lr_hat*O^ with O^ = O * row_scale[:, None]
+    (neuron_step's), where sq_norms (2,) are the whole matrix's (|O^|^2, |O|^2) and param,
+    O (neurons, n) and row_scale (neurons,) hold the same neurons (all, or a shard's)."""
     scale = update_scale(sq_norms[0], sq_norms[1], m, n, adjust_lr)
+    row_step = row_scale * (-lr * scale)                 # (neurons,): -lr_hat / (sqrt(v_i) + eps)
     param.mul_(1 - lr * weight_decay)
-    param.sub_(from_neuron_rows(O_hat.mul_(scale * lr), param.shape, neuron_axis))
+    param.addcmul_(from_neuron_rows(O, param.shape, neuron_axis),   # one pass, reading O as is
+                   row_step.view([-1 if d == neuron_axis else 1 for d in range(param.ndim)]))
 
 
 def adamw_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int,
@@ -407,20 +409,18 @@ class NorMuon(torch.optim.Optimizer):
         # steps 1-2, in the dtype the orthogonalizer reads. (A stack, not U[i] = ... into an
         # empty batch: torch.compile turned that loop into chained scatters, which took a
         # quarter of a compiled step on an H100)
-        U = torch.stack([to_neuron_rows(nesterov_direction(state["momentum_buffer"], grad,
-                                                           group["momentum"], group["nesterov"]
-                                                           ).to(U_dtype), axis)
-                         for grad, state in zip(grads, states)])                 # (k, m, n)
-        O = orthogonalize(U, group["orthogonalizer"], group["ns_steps"])           # step 3
-        del U   # before O's copy in the state dtype: the step's peak memory is lower
-        O = O.to(dtype)
+        directions = [to_neuron_rows(nesterov_direction(state["momentum_buffer"], grad,
+                                                        group["momentum"], group["nesterov"]
+                                                        ).to(U_dtype), axis)
+                      for grad, state in zip(grads, states)]
+        U = torch.stack(directions) if len(directions) > 1 else directions[0][None]  # (k, m, n)
+        O = orthogonalize(U, group["orthogonalizer"], group["ns_steps"])  # step 3, U's dtype
         second_moments = torch.stack([state["second_moment"] for state in states])  # (k, m)
-        O_hat, sq_norms = neuron_step(O, second_moments, algorithm=group["algorithm"],
-                                      beta2=group["beta2"], eps=group["eps"],
-                                      adjust_lr=group["adjust_lr"])         # steps 4-5
-        for i, (p, state) in enumerate(zip(params, states)):                # steps 6-7
+        row_scales, sq_norms = neuron_step(O, second_moments, algorithm=group["algorithm"],
+                                           beta2=group["beta2"], eps=group["eps"])  # steps 4-5
+        for i, (p, state) in enumerate(zip(params, states)):                  # steps 6-7
             state["second_moment"].copy_(second_moments[i])
-            apply_update(p, O_hat[i], sq_norms[i], m, n, lr=learning_rate(group),
+            apply_update(p, O[i], row_scales[i], sq_norms[i], m, n, lr=learning_rate(group),
                          weight_decay=group["weight_decay"], adjust_lr=group["adjust_lr"],
                          neuron_axis=axis)
 

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import train_gpt  # noqa: E402
-from normuon import (adamw_update, nesterov_direction, normalize_neurons,  # noqa: E402
+from normuon import (adamw_update, nesterov_direction, neuron_step,  # noqa: E402
                      orthogonalize)
 
 QUICK = ["--n-layer", "2", "--dim", "64", "--n-head", "2", "--seq-len", "64",
@@ -69,7 +69,8 @@ def final_updates(grads: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     for step, G in enumerate(grads, start=1):
         U = nesterov_direction(buffer, G, 0.95, True)              # raw (Nesterov) momentum
         O = orthogonalize(U)                                        # Muon
-        O_hat = normalize_neurons(O.clone(), second_moment, 0.95, 1e-8)   # NorMuon (in place)
+        row_scale, _ = neuron_step(O, second_moment, algorithm="normuon", beta2=0.95, eps=1e-8)
+        O_hat = O * row_scale[:, None]                             # NorMuon
         before = adamw_param.clone()
         adamw_update(adamw_param, G, exp_avg, exp_avg_sq, step, lr=1.0, betas=(0.9, 0.95),
                      eps=1e-8, weight_decay=0.0)

@@ -56,9 +56,8 @@ class MatmulLimit:
         self.coefficients = [NEWTON_SCHULZ_COEFFICIENTS] * steps
         self.batches = []
         for (m, n), count in sorted({s: shapes.count(s) for s in shapes}.items()):
-            r, c = min(m, n), max(m, n)
-            X = torch.randn(count, r, c, device=device, dtype=torch.bfloat16) / c ** 0.5
-            A = X.new_empty(count, r, r)
+            X = torch.randn(count, m, n, device=device, dtype=torch.bfloat16) / max(m, n) ** 0.5
+            A = X.new_empty(count, min(m, n), min(m, n))
             self.batches.append((X, (A, torch.empty_like(A), torch.empty_like(X))))
 
     def step(self) -> None:
