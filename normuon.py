@@ -106,7 +106,8 @@ def _odd_polynomial_iteration(U: Tensor, coefficients, input_scale: float) -> Te
     largest = torch.maximum(entries.amax(-1), -entries.amin(-1)).float()      # (...)
     exponent = torch.frexp(largest).exponent.clamp(-126, 126)
     power = torch.ldexp(torch.ones_like(largest), -exponent).bfloat16()[..., None, None]
-    # (into a contiguous X: batched matmuls on a strided one are far slower on a CPU)
+    # (into a new, contiguous X: the in-place scaling below must not write U, and batched
+    # matmuls on a strided X are far slower on a CPU)
     X = torch.mul(X, power, out=X.new_empty(X.shape))
     norm = torch.linalg.vector_norm(X.flatten(-2), dim=-1).float()    # (...), rounded to bf16
     X.mul_((1 / (input_scale * norm).clamp_min(NORM_FLOOR))[..., None, None])
