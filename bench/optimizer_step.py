@@ -8,9 +8,10 @@ matmul limit, every variant stepped in turn in one process.
 
 Variants: our normuon and muon, eager and compiled (torch.compile(opt.step)), torch.optim.Muon,
 torch.optim.AdamW, with --base REV normuon.py at git revision REV (to check that a change
-costs no time), and "limit": the Newton-Schulz matmuls of the same matrices alone (bf16,
-batched by shape as ours batches them, written into preallocated outputs: no normalization,
-no casts, no allocation), i.e. the matmul time no Muon-family step can go below.
+costs no time), and "limit": normuon.polynomial_iterations alone on the same matrices (bf16,
+batched by shape, written into preallocated outputs: the matmuls and the r x r work that
+normalizes X inside them; no momentum, casts, update or allocation), i.e. the matmul time no
+Muon-family step can go below.
 
 Method (so that noise and order cannot decide the result): every variant owns its optimizer
 state over the same parameters and gradients; all are warmed up the same number of steps
@@ -62,7 +63,7 @@ class MatmulLimit:
 
     def step(self) -> None:
         for X, buffers in self.batches:
-            polynomial_iterations(X, self.coefficients, buffers)
+            polynomial_iterations(X, self.coefficients, 1.0, buffers)
 
 
 def normuon_at(revision: str):

@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from normuon import NorMuon, orthogonalize, param_groups, svd_polar
+from normuon import (NEWTON_SCHULZ_COEFFICIENTS, POLAR_EXPRESS_COEFFICIENTS, NorMuon,
+                     orthogonalize, param_groups, svd_polar)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -212,6 +213,46 @@ def test_polar_express_singular_values_near_one_and_closer_than_newton_schulz():
         s_ns = torch.linalg.svdvals(orthogonalize(U, "newton_schulz", 5).double())
         assert 0.8 < s_pe.min() and s_pe.max() < 1.2, (s_pe.min(), s_pe.max())
         assert (s_pe - 1).abs().max() < (s_ns - 1).abs().max()
+
+
+def polynomial_in(dtype, U, coefficients, input_scale):
+    """The odd polynomial iteration written out plainly, every operation in `dtype`, on the
+    short side: X = U/(scale*|U|_F), then X <- a*X + (b*A + c*A@A) @ X with A = X @ X^T."""
+    tall = U.shape[0] > U.shape[1]
+    X = (U.T if tall else U).to(dtype)
+    X = X / (input_scale * torch.linalg.norm(X))
+    for a, b, c in coefficients:
+        A = X @ X.T
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.T if tall else X
+
+
+@pytest.mark.parametrize("orthogonalizer", ["newton_schulz", "polar_express"])
+def test_bf16_iteration_is_as_close_to_the_exact_polynomial_as_a_plain_bf16_loop(
+        orthogonalizer):
+    # The same polynomial in float64 is the target. A plain loop in bf16 (how the published
+    # implementations compute it) sets the rounding error to match: ours, which normalizes
+    # inside the first iteration, must be no further from the float64 result than it.
+    if orthogonalizer == "newton_schulz":
+        coefficients, input_scale = [NEWTON_SCHULZ_COEFFICIENTS] * 5, 1.0
+    else:
+        coefficients, input_scale = POLAR_EXPRESS_COEFFICIENTS, 1.02
+    gen = torch.Generator().manual_seed(8)
+    for m, n in [(192, 64), (64, 192), (96, 96)]:
+        for decades in (0.3, 1, 3):
+            r = min(m, n)
+            left, _ = torch.linalg.qr(torch.randn(m, r, generator=gen, dtype=torch.float64))
+            right, _ = torch.linalg.qr(torch.randn(n, r, generator=gen, dtype=torch.float64))
+            U = ((left * torch.logspace(0, -decades, r, dtype=torch.float64)) @ right.T).float()
+            exact = polynomial_in(torch.float64, U.bfloat16().double(), coefficients,
+                                  input_scale)
+
+            def error(O):
+                return (torch.linalg.norm(O.double() - exact) / torch.linalg.norm(exact)).item()
+
+            ours = error(orthogonalize(U, orthogonalizer, 5))
+            plain = error(polynomial_in(torch.bfloat16, U, coefficients, input_scale))
+            assert ours <= 1.1 * plain, ((m, n), decades, ours, plain)
 
 
 def test_svd_polar_drops_null_directions_of_rank_deficient_input():
