@@ -189,14 +189,20 @@ def test_match_rms_adamw_update_rms_is_exactly_point_two_lr(algorithm, orthogona
         assert abs(rms.item() - 0.2) < 1e-10
 
 
+def matrix_with_spectrum(m, n, decades, gen, dtype=torch.float32):
+    """An (m, n) matrix of random singular vectors whose singular values fall evenly, in log,
+    from 1 to 10^-decades."""
+    r = min(m, n)
+    left, _ = torch.linalg.qr(torch.randn(m, r, generator=gen, dtype=dtype))
+    right, _ = torch.linalg.qr(torch.randn(n, r, generator=gen, dtype=dtype))
+    return (left * torch.logspace(0, -decades, r, dtype=dtype)) @ right.T
+
+
 def spectrum_test_matrices():
     """Matrices with chosen singular values, spread over two decades below the largest."""
     gen = torch.Generator().manual_seed(5)
     for m, n in [(256, 64), (64, 256), (128, 128)]:
-        r = min(m, n)
-        left, _ = torch.linalg.qr(torch.randn(m, r, generator=gen))
-        right, _ = torch.linalg.qr(torch.randn(n, r, generator=gen))
-        yield (left * torch.logspace(0, -2, r)) @ right.T * 7.0
+        yield matrix_with_spectrum(m, n, 2, gen) * 7.0
 
 
 def test_newton_schulz_singular_values_in_the_stated_range():
@@ -240,10 +246,7 @@ def test_bf16_iteration_is_as_close_to_the_exact_polynomial_as_a_plain_bf16_loop
     gen = torch.Generator().manual_seed(8)
     for m, n in [(192, 64), (64, 192), (96, 96)]:
         for decades in (0.3, 1, 3):
-            r = min(m, n)
-            left, _ = torch.linalg.qr(torch.randn(m, r, generator=gen, dtype=torch.float64))
-            right, _ = torch.linalg.qr(torch.randn(n, r, generator=gen, dtype=torch.float64))
-            U = ((left * torch.logspace(0, -decades, r, dtype=torch.float64)) @ right.T).float()
+            U = matrix_with_spectrum(m, n, decades, gen, torch.float64).float()
             exact = polynomial_in(torch.float64, U.bfloat16().double(), coefficients,
                                   input_scale)
 
