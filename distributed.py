@@ -12,7 +12,8 @@ The same constructor, param-group keys and algorithms as `normuon.NorMuon`, plus
 `process_group` (default: the default group; it must hold the ranks of the parameters' mesh)
 and `compile` (default: on for CUDA). The math is normuon.py's; this file only moves rows
 between ranks. Parameters it cannot step are refused at construction, naming them: other
-placements than the two below, a mesh other than the process group, neuron_axis != 0.
+placements than the two below, a mesh other than the process group, a sharded weight stored
+(in, out) (layout="in_out").
 
 Which rank holds what:
 - Every rank holds its rows of each FSDP2 parameter (DTensor, Shard(0): a contiguous block of
@@ -66,19 +67,24 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from normuon import (NorMuon, apply_update, as_matrix_shape, learning_rate, nesterov_direction,
-                     neuron_step, newton_schulz_flops, orthogonalize, orthogonalizer_dtype,
-                     param_labels)
+from normuon import (MatrixView, NorMuon, apply_update, group_view, learning_rate,
+                     matrix_view, nesterov_direction, neuron_step, newton_schulz_flops,
+                     orthogonalize, orthogonalizer_dtype, param_labels, update_scale)
 
 
 # ----------------------------------------------------------------------------- the plan
 
-def assign_owners(shapes: list[tuple[int, int]], world: int, steps: int = 5) -> list[int]:
-    """Owner rank of each matrix: largest first, each to the least-loaded rank (greedy LPT,
-    which balances better than the paper's round-robin over sorted sizes)."""
-    costs = [newton_schulz_flops(m, n, steps) for m, n in shapes]
-    load, owners = [0] * world, [0] * len(shapes)
-    for i in sorted(range(len(shapes)), key=lambda i: -costs[i]):
+def view_flops(view: MatrixView, steps: int = 5) -> int:
+    """Orthogonalizer FLOPs of all of a parameter's matrices."""
+    return view.matrices * newton_schulz_flops(view.neurons, view.inputs, steps)
+
+
+def assign_owners(costs: list[int], world: int) -> list[int]:
+    """Owner rank of each parameter, from its orthogonalizer FLOPs: largest first, each to the
+    least-loaded rank (greedy LPT, which balances better than the paper's round-robin over
+    sorted sizes)."""
+    load, owners = [0] * world, [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: -costs[i]):
         owners[i] = min(range(world), key=lambda r: (load[r], r))
         load[owners[i]] += costs[i]
     return owners
@@ -95,6 +101,14 @@ def local(t: Tensor) -> Tensor:
 
 
 LAYOUTS = ((Shard(0),), (Replicate(), Shard(0)))   # FSDP2 on a 1-D mesh; HSDP on a 2-D one
+
+
+def steps_locally(p: Tensor, group: dict) -> bool:
+    """Whether a rank steps its part of `p` alone: stacked experts, whose dim 0 FSDP2 shards
+    into whole experts (or that are replicated), and replicated (in, out) weights. Everything
+    else ("out_in": rows are neurons) goes through its owner."""
+    return group["layout"].startswith("experts_") or (
+        group["layout"] == "in_out" and not isinstance(p, DTensor))
 
 
 def check_layout(p: DTensor, label: str, mesh, ranks: list[int]):
@@ -124,7 +138,8 @@ class Matrix:
     param: Tensor
     group: dict
     state: dict
-    m: int
+    view: MatrixView           # of the whole parameter
+    m: int                     # rows (neurons of all its matrices) and inputs of its (m, n) form
     n: int
     owner: int
     rows: list[int] | None     # rows per rank when sharded; None when replicated
@@ -167,28 +182,31 @@ class DistributedNorMuon(NorMuon):
         every matrix an owner there, and create all state now, so that a checkpoint is complete
         at once."""
         ranks = dist.get_process_group_ranks(self.process_group or dist.group.WORLD)
-        self.mesh, matrices = None, []
+        self.mesh, matrices, exchanged = None, [], []
         for group in self.param_groups:
             for p, label in zip(group["params"], param_labels(group)):
                 if isinstance(p, DTensor):
                     self.mesh = check_layout(p, label, self.mesh, ranks)
                 if group["algorithm"] == "adamw":
                     self.adamw_state(p)
-                elif group["neuron_axis"] != 0:
+                    continue
+                if isinstance(p, DTensor) and group["layout"] == "in_out":
                     raise ValueError(
-                        f"DistributedNorMuon: {label} is in a group with neuron_axis="
-                        f"{group['neuron_axis']} (a weight stored (in, out), like Hugging "
-                        f"Face's Conv1D); rows are what ranks shard and exchange here, so only "
-                        f"neuron_axis=0 is supported: use nn.Linear layers, or normuon.NorMuon")
-                else:
-                    self.matrix_state(p)
-                    matrices.append(p)
+                        f"DistributedNorMuon: {label} is sharded and in a group with layout="
+                        f"'in_out' (a weight stored (in, out), like Hugging Face's Conv1D): "
+                        f"FSDP2 shards its dim 0, its inputs, while a rank must hold whole "
+                        f"neurons; use nn.Linear layers, replicate it, or use normuon.NorMuon")
+                view = group_view(group, p.shape)
+                self.matrix_state(p, view)
+                matrices.append(p)
+                if not steps_locally(p, group):
+                    exchanged.append((p, view_flops(view, group["ns_steps"])))
         self.replicas = self.mesh.size(0) if self.hsdp else 1
         self.rank = dist.get_rank(self.row_group)
         self.world = dist.get_world_size(self.row_group)
         self.device = matrices[0].device if matrices else torch.device("cpu")
-        owners = assign_owners([as_matrix_shape(p.shape) for p in matrices], self.world)
-        self.owner = {p: owner for p, owner in zip(matrices, owners)}
+        owners = assign_owners([cost for _, cost in exchanged], self.world)
+        self.owner = {p: owner for (p, _), owner in zip(exchanged, owners)}
 
     @property
     def hsdp(self) -> bool:
@@ -201,13 +219,19 @@ class DistributedNorMuon(NorMuon):
         return self.mesh.get_group(1) if self.hsdp else self.process_group
 
     def ns_flops_per_rank(self) -> list[int]:
-        """Orthogonalizer FLOPs of each rank per step, from the owner assignment."""
+        """Orthogonalizer FLOPs of each rank per step: its owned parameters, and its share of
+        those stepped locally (a sharded experts tensor's local experts)."""
         flops = [0] * self.world
         for group in self.param_groups:
-            if group["algorithm"] != "adamw":
-                for p in group["params"]:
-                    flops[self.owner[p]] += newton_schulz_flops(*as_matrix_shape(p.shape),
-                                                                group["ns_steps"])
+            for p in group["params"] if group["algorithm"] != "adamw" else []:
+                cost = view_flops(group_view(group, p.shape), group["ns_steps"])
+                if p in self.owner:
+                    flops[self.owner[p]] += cost
+                else:
+                    share = (shard_rows(p.shape[0], self.world) if isinstance(p, DTensor)
+                             else [p.shape[0]] * self.world)
+                    for r in range(self.world):
+                        flops[r] += cost * share[r] // p.shape[0]
         return flops
 
     def _matrix_steps(self, matrix_groups: list[tuple[dict, list[Tensor]]]) -> None:
@@ -216,15 +240,15 @@ class DistributedNorMuon(NorMuon):
         rows of a DTensor.)"""
         self.last_step_stats = {"bytes_sent": 0, "bytes_received": 0}
         self._agree_on_gradients()
-        if self.world == 1:   # every row is here: normuon.py's step, on the local tensors
-            for group, params in matrix_groups:
-                self._step_matrices(group, [
-                    (local(p), local(p.grad),
-                     {key: local(value) for key, value in self.matrix_state(p).items()})
-                    for p in params])
+        for group, params in matrix_groups:   # every row here, or whole matrices (experts)
+            self._step_matrices(group, [
+                (local(p), local(p.grad),
+                 {key: local(value) for key, value in self.matrix_state(p, None).items()})
+                for p in params if self.world == 1 or p not in self.owner])
+        if self.world == 1:
             return
-        matrices = [self._momentum(p, group, self.matrix_state(p))
-                    for group, params in matrix_groups for p in params]
+        matrices = [self._momentum(p, group, self.matrix_state(p, None))
+                    for group, params in matrix_groups for p in params if p in self.owner]
         self._orthogonalize_by_owner(matrices)
         self._normalize_and_apply(matrices)
 
@@ -256,7 +280,7 @@ class DistributedNorMuon(NorMuon):
                 f"branch, or a layer unused on some ranks?). No parameter was updated.")
 
     def _momentum(self, p: Tensor, group: dict, state: dict) -> Matrix:
-        m, n = as_matrix_shape(p.shape)                   # the global shape
+        m, n = p.shape[0], p[0].numel()                   # the global (out, in*k...) form
         U = nesterov_direction(local(state["momentum_buffer"]), local(p.grad),
                                group["momentum"], group["nesterov"])
         rows = shard_rows(m, self.world) if isinstance(p, DTensor) else None
@@ -264,15 +288,16 @@ class DistributedNorMuon(NorMuon):
             raise RuntimeError(
                 f"DistributedNorMuon: rank {self.rank} holds {U.shape[0]} rows of a parameter "
                 f"of shape {tuple(p.shape)}; expected FSDP2's even split {rows}")
-        return Matrix(p, group, state, m, n, self.owner[p], rows, U.reshape(-1, n))
+        return Matrix(p, group, state, group_view(group, p.shape), m, n, self.owner[p], rows,
+                      U.reshape(-1, n))
 
     # -- step 3: gather to owners, orthogonalize, scatter back
 
     def _orthogonalize_by_owner(self, matrices: list[Matrix]) -> None:
         buckets: dict[tuple, list[Matrix]] = {}   # same shape and orthogonalizer: one batch
         for x in matrices:
-            key = (x.m, x.n, x.rows is None, x.group["orthogonalizer"], x.group["ns_steps"],
-                   x.U.dtype, x.U.device)
+            key = (x.m, x.n, x.view.matrices, x.rows is None, x.group["orthogonalizer"],
+                   x.group["ns_steps"], x.U.dtype, x.U.device)
             buckets.setdefault(key, []).append(x)
         gathers = [self._start_gather(bucket) for bucket in buckets.values()]
         finishes = []
@@ -280,8 +305,12 @@ class DistributedNorMuon(NorMuon):
             if work is not None:
                 work.wait()
             mine = [x for x in bucket if x.owner == self.rank]
-            O = (self._orthogonalize(unpack(), bucket[0].group["orthogonalizer"],
-                                     bucket[0].group["ns_steps"]) if mine else None)
+            O = None
+            if mine:
+                whole, view = unpack(), bucket[0].view                  # (k, m, n)
+                O = self._orthogonalize(whole.view(-1, view.neurons, view.inputs),
+                                        bucket[0].group["orthogonalizer"],
+                                        bucket[0].group["ns_steps"]).view(whole.shape)
             finishes.append(self._start_scatter(bucket, O))
         for work, finish in finishes:
             if work is not None:
@@ -375,17 +404,21 @@ class DistributedNorMuon(NorMuon):
     def _normalize_and_apply(self, matrices: list[Matrix]) -> None:
         if not matrices:
             return
-        row_scales, sq_norms = [], []
+        rows_of, block_sums = [], []
         for x in matrices:
             g = x.group
-            row_scale, sq = self._neuron_step(x.O, local(x.state["second_moment"]),
-                                              algorithm=g["algorithm"], beta2=g["beta2"],
-                                              eps=g["eps"])
-            row_scales.append(row_scale)
-            sq_norms.append(sq)
-        sq_norms = torch.stack(sq_norms)                    # (matrices, 2): this rank's rows
-        sharded = torch.tensor([x.rows is not None for x in matrices],
-                               device=sq_norms.device).unsqueeze(-1)
+            row_scale, row_sq = self._neuron_step(x.O, local(x.state["second_moment"]),
+                                                  algorithm=g["algorithm"], beta2=g["beta2"],
+                                                  eps=g["eps"])                 # (rows,), (rows, 2)
+            # the block (matrix of the view) of each local row: a shard may cut a block
+            first = sum(x.rows[:self.rank]) if x.rows is not None else 0
+            block = torch.arange(first, first + x.O.shape[0], device=row_sq.device) \
+                // x.view.neurons                                              # (rows,)
+            block_sums.append(row_sq.new_zeros(x.view.matrices, 2).index_add_(0, block, row_sq))
+            rows_of.append((row_scale, block))
+        sq_norms = torch.cat(block_sums)                # (all blocks, 2): this rank's rows
+        sharded = torch.tensor([x.rows is not None for x in matrices for _ in
+                                range(x.view.matrices)], device=sq_norms.device).unsqueeze(-1)
         total = torch.where(sharded, sq_norms, torch.zeros_like(sq_norms))
         dist.all_reduce(total, group=self.row_group)  # sum of the sharded matrices' rows
         sq_norms = torch.where(sharded, total, sq_norms)
@@ -393,7 +426,12 @@ class DistributedNorMuon(NorMuon):
             payload = sq_norms.numel() * sq_norms.element_size()
             self.last_step_stats["bytes_sent"] += payload
             self.last_step_stats["bytes_received"] += payload
-        for x, row_scale, sq in zip(matrices, row_scales, sq_norms):
+        for x, (row_scale, block), sq in zip(matrices, rows_of,
+                                             sq_norms.split([x.view.matrices for x in matrices])):
             g = x.group
-            apply_update(local(x.param), x.O, row_scale, sq, x.m, x.n, lr=learning_rate(g),
-                         weight_decay=g["weight_decay"], adjust_lr=g["adjust_lr"])
+            scale = update_scale(sq[:, 0], sq[:, 1], x.view.neurons, x.view.inputs,
+                                 g["adjust_lr"])                                 # (blocks,)
+            row_step = row_scale * (-learning_rate(g) * scale)[block]            # (rows,)
+            param = local(x.param)
+            apply_update(param, x.O[None], row_step[None], matrix_view(param.shape),
+                         lr=learning_rate(g), weight_decay=g["weight_decay"])

@@ -7,9 +7,10 @@ arXiv 2510.05491). One file that depends on nothing but torch: copy it into your
 
     python normuon.py            # 30-second CPU demo: Muon's unequal neuron updates vs NorMuon's
 
-For one hidden weight W (m, n) with gradient G — a >2-D weight is viewed as
-(shape[0], prod(shape[1:])) so that a neuron is an output channel — each step does, in the
-numbered steps that the code's comments (here and in distributed.py) refer to:
+For one hidden weight matrix W (m, n) with gradient G — m output neurons, n inputs each; a
+parameter is a batch of such matrices (`layout`, `blocks`: a conv kernel (out, in, k) is one
+(out, in*k) matrix, stacked experts (E, out, in) are E) — each step does, in the numbered
+steps that the code's comments (here and in distributed.py) refer to:
 
     1. M <- b1*M + (1-b1)*G                      momentum (EMA form)
     2. U <- b1*M + (1-b1)*G   (or M)             nesterov
@@ -45,11 +46,16 @@ Options (each a keyword of NorMuon and overridable per param group):
     adjust_lr     "match_rms_adamw": lr_hat = 0.2*lr*sqrt(m*n)/|O^|_F (the paper's rule).
                   "original": O^ rescaled to |O|_F, then lr_hat = lr*sqrt(max(1, m/n)) (Muon's).
     betas         AdamW's (b1, b2) in adamw groups ((0.9, 0.95)).
-    neuron_axis   the dim of the weight that indexes output neurons (0). nn.Linear and convs
-                  store (out, in, ...): 0. A weight stored (in, out, ...) — Hugging Face's
-                  Conv1D, nn.ConvTranspose — needs 1: it is stepped as its (out, in*...) matrix,
-                  so that output neurons are what steps 4-5 normalize and the "original" shape
-                  factor sees (out, in). param_groups sets it for those layers.
+    layout        how the weight is stored, so that it is stepped as a batch of (neurons,
+                  inputs) matrices, each its own matrix in every step (its own polar factor,
+                  neuron second moments, step-6 norms and shape factor):
+                  "out_in" (default): nn.Linear and convs, (out, in, k...) -> (out, in*k...);
+                  "in_out": Hugging Face's Conv1D, nn.ConvTranspose, (in, out, k...);
+                  "experts_out_in" / "experts_in_out": stacked MoE experts (E, out, in) /
+                  (E, in, out) -> E matrices. param_groups sets it for each layer.
+    blocks        the neurons split into this many equal blocks, each its own matrix (1): a
+                  grouped conv's groups. A depthwise conv would be C one-neuron matrices:
+                  param_groups gives those to AdamW.
 
 State (momentum_buffer, second_moment, exp_avg, exp_avg_sq) is float32 for bf16/fp16/fp32
 parameters, float64 for float64 ones, and stays so through state_dict()/load_state_dict().
@@ -60,9 +66,11 @@ launches); on a CPU a batch no bigger than the step's largest matrix, so that a 
 memory is about 7 bytes per element of that one matrix (torch.optim.Muon's: about 9).
 """
 import copy
+import fnmatch
 import math
 import re
 import warnings
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -225,17 +233,17 @@ def nesterov_direction(momentum_buffer: Tensor, grad: Tensor, momentum: float,
 
 def neuron_step(O: Tensor, second_moment: Tensor, *, algorithm: str, beta2: float,
                 eps: float) -> tuple[Tensor, Tensor]:
-    """Steps 4-5 on O (..., m, n): returns (row_scale, sq_norms), where
-    O^ = O * row_scale[..., None] and sq_norms (..., 2) = (|O^|_F^2, |O|_F^2), the squared norms
-    that step 6 divides by.
+    """Steps 4-5 on O (..., m, n): returns (row_scale, row_sq_norms), where
+    O^ = O * row_scale[..., None] and row_sq_norms (..., m, 2) = (|O^_i|^2, |O_i|^2) of every
+    row i: summed over a matrix's rows, they are the squared norms that step 6 divides by.
 
     For "normuon", v = second_moment (..., m) is updated in place (no bias correction) and
     row_scale = 1/(sqrt(v) + eps); for "muon", row_scale = 1. O is only read, and O^ is never
     formed: apply_update folds row_scale into its one pass over W. (Forming O^ took a float32
     copy of O, the size of the step's largest temporary, and two more passes over it.)
 
-    Each row is normalized on its own, so rows of O may be split across ranks; the norms are
-    then each rank's share, and their sum over ranks is the whole matrix's (step 6 needs it).
+    Each row is normalized on its own, so rows of O may be split across ranks; a matrix's
+    norms are then the sum of its rows' over all ranks (distributed.py does that).
     """
     row_sq = torch.linalg.vector_norm(O, dim=-1, dtype=second_moment.dtype).square()  # (..., m)
     if algorithm == "normuon":
@@ -243,14 +251,13 @@ def neuron_step(O: Tensor, second_moment: Tensor, *, algorithm: str, beta2: floa
         row_scale = 1 / (second_moment.sqrt() + eps)          # step 5
     else:
         row_scale = torch.ones_like(row_sq)
-    sq_norms = torch.stack([(row_sq * row_scale.square()).sum(-1), row_sq.sum(-1)], dim=-1)
-    return row_scale, sq_norms
+    return row_scale, torch.stack([row_sq * row_scale.square(), row_sq], dim=-1)
 
 
 def update_scale(O_hat_sq_norm: Tensor, O_sq_norm: Tensor, m: int, n: int,
                  adjust_lr: str) -> Tensor:
     """Step 6: lr_hat/lr, the factor that multiplies O^ (and, in "original" mode, rescales it),
-    from the whole matrix's squared norms."""
+    from each matrix's squared norms (any batch shape)."""
     O_hat_norm = O_hat_sq_norm.sqrt().clamp_min(NORM_FLOOR)
     if adjust_lr == "match_rms_adamw":
         return (0.2 * math.sqrt(m * n)) / O_hat_norm       # every update has RMS 0.2*lr
@@ -259,17 +266,21 @@ def update_scale(O_hat_sq_norm: Tensor, O_sq_norm: Tensor, m: int, n: int,
     raise ValueError(f"unknown adjust_lr {adjust_lr!r}; choose one of {ADJUST_LR}")
 
 
-def apply_update(param: Tensor, O: Tensor, row_scale: Tensor, sq_norms: Tensor, m: int, n: int,
-                 *, lr: float | Tensor, weight_decay: float, adjust_lr: str,
-                 neuron_axis: int = 0) -> None:
-    """Steps 6-7 for one matrix: W <- W - lr*wd*W - lr_hat*O^ with O^ = O * row_scale[:, None]
-    (neuron_step's), where sq_norms (2,) are the whole matrix's (|O^|^2, |O|^2) and param,
-    O (neurons, n) and row_scale (neurons,) hold the same neurons (all, or a shard's)."""
-    scale = update_scale(sq_norms[0], sq_norms[1], m, n, adjust_lr)
-    row_step = row_scale * (-lr * scale)                 # (neurons,): -lr_hat / (sqrt(v_i) + eps)
+def row_steps(row_scale: Tensor, sq_norms: Tensor, m: int, n: int, *, lr: float | Tensor,
+              adjust_lr: str) -> Tensor:
+    """Step 6 for k (m, n) matrices: the signed step of every neuron, -lr_hat/(sqrt(v_i) + eps),
+    (k, m), from neuron_step's row_scale (k, m) and each matrix's squared norms (k, 2)."""
+    scale = update_scale(sq_norms[:, 0], sq_norms[:, 1], m, n, adjust_lr)       # (k,)
+    return row_scale * (-lr * scale)[:, None]
+
+
+def apply_update(param: Tensor, O: Tensor, row_step: Tensor, view: "MatrixView", *,
+                 lr: float | Tensor, weight_decay: float) -> None:
+    """Step 7 on one parameter, the batch of matrices `view` describes: W <- W - lr*wd*W +
+    row_step_i * O_i for every neuron i, with O (k, m, n) and row_step (k, m) (row_steps')."""
     param.mul_(1 - lr * weight_decay)
-    param.addcmul_(from_neuron_rows(O, param.shape, neuron_axis),   # one pass, reading O as is
-                   row_step.view([-1 if d == neuron_axis else 1 for d in range(param.ndim)]))
+    param.view(view.split_shape).addcmul_(from_matrices(O, view),   # one pass, reading O as is
+                                          view.neuron_values(row_step))
 
 
 def adamw_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int,
@@ -287,23 +298,66 @@ def adamw_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tenso
     param.sub_((exp_avg / denominator).mul_(lr / bias_correction1))
 
 
-def as_matrix_shape(shape: torch.Size, neuron_axis: int = 0) -> tuple[int, int]:
-    """(m, n) = (neurons, inputs per neuron) of a weight whose output neurons lie along
-    `neuron_axis`: (out, in, kh, kw) -> (out, in*kh*kw); a Conv1D's (in, out), axis 1 -> (out, in).
-    """
-    return shape[neuron_axis], math.prod(shape[:neuron_axis]) * math.prod(shape[neuron_axis + 1:])
+LAYOUTS = ("out_in", "in_out", "experts_out_in", "experts_in_out")
 
 
-def to_neuron_rows(X: Tensor, neuron_axis: int) -> Tensor:
-    """X (any layout) as its (m, n) matrix with one neuron per row: a view for axis 0."""
-    m, n = as_matrix_shape(X.shape, neuron_axis)
-    return X.movedim(neuron_axis, 0).reshape(m, n)
+class MatrixView(NamedTuple):   # (a NamedTuple: torch.compile traces its creation)
+    """A parameter as a batch of `matrices` (neurons, inputs) matrices (matrix_view's)."""
+    split_shape: tuple[int, ...]   # the parameter's shape, its neuron dim split (blocks, neurons)
+    order: tuple[int, ...]         # split_shape's dims as (expert, block, neuron, inputs...)
+    inputs_at: tuple[int, ...]     # split_shape's input dims
+    matrices: int
+    neurons: int
+    inputs: int
+    moment_dims: tuple[int, ...]   # the parameter's dims that its second moment keeps
+
+    def neuron_values(self, values: Tensor) -> Tensor:
+        """values (matrices, neurons), one per neuron, shaped to broadcast over split_shape."""
+        return values.reshape([1 if d in self.inputs_at else size
+                               for d, size in enumerate(self.split_shape)])
 
 
-def from_neuron_rows(O: Tensor, shape: torch.Size, neuron_axis: int) -> Tensor:
-    """The inverse of to_neuron_rows: O (m, n) laid out as a tensor of `shape`."""
-    moved = (shape[neuron_axis], *shape[:neuron_axis], *shape[neuron_axis + 1:])
-    return O.view(moved).movedim(0, neuron_axis)
+def matrix_view(shape, layout: str = "out_in", blocks: int = 1) -> MatrixView:
+    """How the matrix optimizer sees a parameter of `shape`: the one home of that rule.
+
+    The output neurons lie on dim 0 ("out_in": nn.Linear, convs (out, in, k...)), on dim 1
+    ("in_out": Conv1D, ConvTranspose (in, out, k...)), or after a leading expert dim
+    ("experts_out_in" (E, out, in), "experts_in_out" (E, in, out)); every other dim holds
+    inputs. The neurons split into `blocks` equal blocks (a grouped conv's groups). Each
+    expert's each block is one matrix: (E*blocks, out/blocks, prod(input dims))."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
+    experts = int(layout.startswith("experts_"))
+    neuron_dim = experts + int(layout.endswith("in_out"))
+    if len(shape) < experts + 2:
+        raise ValueError(f"layout {layout!r} needs at least {experts + 2} dims, got a "
+                         f"parameter of shape {tuple(shape)}")
+    if not (isinstance(blocks, int) and blocks >= 1 and shape[neuron_dim] % blocks == 0):
+        raise ValueError(f"blocks={blocks!r} must be an integer >= 1 that divides the "
+                         f"{shape[neuron_dim]} neurons of a parameter of shape {tuple(shape)}")
+    split = (*shape[:neuron_dim], blocks, shape[neuron_dim] // blocks, *shape[neuron_dim + 1:])
+    batch = (*range(experts), neuron_dim)                 # expert dim, block dim
+    inputs = tuple(d for d in range(len(split)) if d not in batch and d != neuron_dim + 1)
+    return MatrixView(split_shape=split, order=(*batch, neuron_dim + 1, *inputs),
+                      inputs_at=inputs, matrices=math.prod([split[d] for d in batch]),
+                      neurons=split[neuron_dim + 1], inputs=math.prod([split[d] for d in inputs]),
+                      moment_dims=(*range(experts), neuron_dim))
+
+
+def group_view(group: dict, shape) -> MatrixView:
+    return matrix_view(shape, group["layout"], group["blocks"])
+
+
+def to_matrices(X: Tensor, view: MatrixView) -> Tensor:
+    """X (a parameter's layout) as its (matrices, neurons, inputs) batch: a view for "out_in"."""
+    return (X.reshape(view.split_shape).permute(view.order)
+            .reshape(view.matrices, view.neurons, view.inputs))
+
+
+def from_matrices(O: Tensor, view: MatrixView) -> Tensor:
+    """The inverse of to_matrices: O (matrices, neurons, inputs) as a view of split_shape."""
+    permuted = [view.split_shape[d] for d in view.order]
+    return O.reshape(permuted).permute([view.order.index(d) for d in range(len(view.order))])
 
 
 def learning_rate(group: dict) -> float | Tensor:
@@ -333,11 +387,12 @@ class NorMuon(torch.optim.Optimizer):
                  algorithm: str = "normuon", momentum: float = 0.95, beta2: float = 0.95,
                  eps: float = 1e-8, nesterov: bool = True, ns_steps: int = 5,
                  orthogonalizer: str = "newton_schulz", adjust_lr: str = "match_rms_adamw",
-                 betas: tuple[float, float] = (0.9, 0.95), neuron_axis: int = 0):
+                 betas: tuple[float, float] = (0.9, 0.95), layout: str = "out_in",
+                 blocks: int = 1):
         defaults = dict(lr=lr, weight_decay=weight_decay, algorithm=algorithm,
                         momentum=momentum, beta2=beta2, eps=eps, nesterov=nesterov,
                         ns_steps=ns_steps, orthogonalizer=orthogonalizer, adjust_lr=adjust_lr,
-                        betas=betas, neuron_axis=neuron_axis)
+                        betas=betas, layout=layout, blocks=blocks)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -348,16 +403,16 @@ class NorMuon(torch.optim.Optimizer):
             self.param_groups.pop()
             raise
 
-    def matrix_state(self, param: Tensor, neuron_axis: int = 0) -> dict:
+    def matrix_state(self, param: Tensor, view: MatrixView) -> dict:
         state = self.state[param]
         if not state:
             dtype = state_dtype(param)
             momentum = torch.zeros_like(param, dtype=dtype,
                                         memory_format=torch.contiguous_format)
             state["momentum_buffer"] = momentum
-            # (m,) zeros, one per neuron, laid out like them: a row-sharded parameter gets a
-            # sharded v
-            other_dims = tuple(d for d in range(param.ndim) if d != neuron_axis)
+            # zeros, one per neuron of every matrix, on the parameter's own expert and neuron
+            # dims ((out,), (E, out)): a parameter sharded on dim 0 gets a v sharded alike
+            other_dims = tuple(d for d in range(param.ndim) if d not in view.moment_dims)
             state["second_moment"] = momentum.sum(dim=other_dims)
         return state
 
@@ -398,8 +453,8 @@ class NorMuon(torch.optim.Optimizer):
 
     def _matrix_steps(self, matrix_groups: list[tuple[dict, list[Tensor]]]) -> None:
         for group, params in matrix_groups:
-            self._step_matrices(group, [(p, p.grad, self.matrix_state(p, group["neuron_axis"]))
-                                        for p in params])
+            self._step_matrices(group, [
+                (p, p.grad, self.matrix_state(p, group_view(group, p.shape))) for p in params])
 
     def _step_matrices(self, group: dict, matrices: list[tuple[Tensor, Tensor, dict]]) -> None:
         """Steps 1-7 for (param, grad, state) triples of plain tensors, batched by shape."""
@@ -409,11 +464,10 @@ class NorMuon(torch.optim.Optimizer):
         buckets: dict[tuple, list] = {}  # same-shape matrices orthogonalize as a batch
         for x in matrices:
             buckets.setdefault((x[0].shape, x[0].device, state_dtype(x[0])), []).append(x)
-        axis = group["neuron_axis"]
         # (max without default=: that keyword is a graph break under torch.compile)
-        largest = max(working_set(*as_matrix_shape(x[0].shape, axis)) for x in matrices)
+        largest = max(working_set(group_view(group, x[0].shape)) for x in matrices)
         for (shape, device, dtype), bucket in buckets.items():
-            size = batch_size(working_set(*as_matrix_shape(shape, axis)), largest, device)
+            size = batch_size(working_set(group_view(group, shape)), largest, device)
             for start in range(0, len(bucket), size):
                 self._matrix_batch_step(group, bucket[start:start + size], dtype)
 
@@ -421,32 +475,37 @@ class NorMuon(torch.optim.Optimizer):
                            dtype: torch.dtype) -> None:
         """Steps 1-7 for same-shape (param, grad, state) triples. (A method of its own so that
         its temporaries are freed before the next batch starts.)"""
-        axis = group["neuron_axis"]
         params, grads, states = zip(*batch)
-        m, n = as_matrix_shape(params[0].shape, axis)
+        view = group_view(group, params[0].shape)
+        k, m, n = view.matrices, view.neurons, view.inputs
         U_dtype = orthogonalizer_dtype(group["orthogonalizer"], dtype)
-        # steps 1-2, in the dtype the orthogonalizer reads. (A stack, not U[i] = ... into an
+        # steps 1-2, in the dtype the orthogonalizer reads. (A cat, not U[i] = ... into an
         # empty batch: torch.compile turned that loop into chained scatters, which took a
         # quarter of a compiled step on an H100)
-        directions = [to_neuron_rows(nesterov_direction(state["momentum_buffer"], grad,
-                                                        group["momentum"], group["nesterov"]
-                                                        ).to(U_dtype), axis)
-                      for grad, state in zip(grads, states)]
-        U = torch.stack(directions) if len(directions) > 1 else directions[0][None]  # (k, m, n)
+        directions = [to_matrices(nesterov_direction(state["momentum_buffer"], grad,
+                                                     group["momentum"], group["nesterov"]
+                                                     ).to(U_dtype), view)
+                      for grad, state in zip(grads, states)]                  # each (k, m, n)
+        U = torch.cat(directions) if len(directions) > 1 else directions[0]  # (P*k, m, n)
         O = orthogonalize(U, group["orthogonalizer"], group["ns_steps"])  # step 3, U's dtype
-        second_moments = torch.stack([state["second_moment"] for state in states])  # (k, m)
-        row_scales, sq_norms = neuron_step(O, second_moments, algorithm=group["algorithm"],
-                                           beta2=group["beta2"], eps=group["eps"])  # steps 4-5
+        second_moments = torch.cat([state["second_moment"].view(k, m) for state in states])
+        row_scales, row_sq_norms = neuron_step(O, second_moments, algorithm=group["algorithm"],
+                                               beta2=group["beta2"], eps=group["eps"])
+        sq_norms = row_sq_norms.sum(-2)                                       # (P*k, 2)
         for i, (p, state) in enumerate(zip(params, states)):                  # steps 6-7
-            state["second_moment"].copy_(second_moments[i])
-            apply_update(p, O[i], row_scales[i], sq_norms[i], m, n, lr=learning_rate(group),
-                         weight_decay=group["weight_decay"], adjust_lr=group["adjust_lr"],
-                         neuron_axis=axis)
+            mine = slice(i * k, (i + 1) * k)
+            state["second_moment"].view(k, m).copy_(second_moments[mine])
+            row_step = row_steps(row_scales[mine], sq_norms[mine], m, n, lr=learning_rate(group),
+                                 adjust_lr=group["adjust_lr"])
+            apply_update(p, O[mine], row_step, view, lr=learning_rate(group),
+                         weight_decay=group["weight_decay"])
 
     def __setstate__(self, state: dict) -> None:
         """Groups saved before an option existed get its default (torch.optim's habit)."""
         super().__setstate__(state)
         for group in self.param_groups:
+            if "neuron_axis" in group:   # saved before `layout`: neuron_axis 1 was (in, out)
+                group.setdefault("layout", ("out_in", "in_out")[group.pop("neuron_axis")])
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
 
@@ -462,17 +521,18 @@ class NorMuon(torch.optim.Optimizer):
                     self.state[p][key] = value.to(device=p.device, copy=True)
 
 
-def working_set(m: int, n: int) -> int:
-    """Elements the orthogonalizer holds per (m, n) matrix: X and the r x r A and B."""
-    return m * n + 2 * min(m, n) ** 2
+def working_set(view: MatrixView) -> int:
+    """Elements the orthogonalizer holds for a parameter's matrices: X and the r x r A and B."""
+    m, n = view.neurons, view.inputs
+    return view.matrices * (m * n + 2 * min(m, n) ** 2)
 
 
-def batch_size(matrix_working_set: int, largest: int, device: torch.device) -> int:
-    """How many same-shape matrices to orthogonalize as one batch. On a GPU a batch saves
+def batch_size(param_working_set: int, largest: int, device: torch.device) -> int:
+    """How many same-shape parameters to orthogonalize as one batch. On a GPU a batch saves
     kernel launches, so the whole bucket; on a CPU batching saves nothing and its temporaries
-    grow with it, so a batch's working set stays within that of the step's largest matrix,
-    and the step's peak memory is that of one large matrix."""
-    return 1 << 30 if device.type == "cuda" else max(1, largest // matrix_working_set)
+    grow with it, so a batch's working set stays within that of the step's largest parameter
+    (one matrix, or all of an experts tensor's), and so does the step's peak memory."""
+    return 1 << 30 if device.type == "cuda" else max(1, largest // param_working_set)
 
 
 def params_with_grad(group: dict, index: int) -> list[Tensor]:
@@ -523,9 +583,10 @@ def check_param_group(group: dict, index: int) -> None:
     betas = group["betas"]
     require(len(betas) == 2 and all(0 <= b < 1 for b in betas),
             f"betas must be two numbers in [0, 1), got {betas}")
-    axis = group["neuron_axis"]
-    require(isinstance(axis, int) and axis >= 0,
-            f"neuron_axis must be an integer >= 0 (the dim of the output neurons), got {axis!r}")
+    require("neuron_axis" not in group, "neuron_axis is now layout: 'in_out' for a weight "
+            "stored (in, out, ...) such as Hugging Face's Conv1D, 'out_in' (the default) else")
+    require(group["layout"] in LAYOUTS, f"unknown layout {group['layout']!r}; choose one of "
+            f"{LAYOUTS}")
     for p, label in zip(group["params"], param_labels(group)):
         require(not p.is_complex(), f"{label} is complex ({p.dtype}); NorMuon supports "
                 f"real floating-point parameters only")
@@ -533,9 +594,11 @@ def check_param_group(group: dict, index: int) -> None:
                 f"algorithm={algorithm!r} orthogonalizes matrices, but {label} has fewer "
                 f"than 2 dims; put gains, biases and scalars in a group with "
                 f"algorithm='adamw' (normuon.param_groups does this)")
-        require(algorithm == "adamw" or axis < p.ndim,
-                f"neuron_axis={axis} but {label} has no such dim; the output neurons must "
-                f"lie along one of its dims (0 for nn.Linear's (out, in))")
+        if algorithm != "adamw" and p.ndim >= 2:
+            try:
+                group_view(group, p.shape)
+            except ValueError as error:
+                require(False, f"{label}: {error}")
 
 
 # ----------------------------------------------------------------------------- param groups
@@ -544,126 +607,258 @@ def check_param_group(group: dict, index: int) -> None:
 # in, the same names are hidden layers (BERT's attention.output.dense, a block's mlp.fc).
 HEAD_NAMES = ("lm_head", "head", "heads", "output", "classifier", "score", "qa_outputs", "fc",
               "fc_out")
-CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)                     # weights (out, in, k...)
-# weights (in, out, k...)
+CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)                     # weights (out, in/g, k...)
+# weights (in, out/g, k...)
 TRANSPOSED_CONVOLUTIONS = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 ATTENTION_PROJECTIONS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+# Experts modules that do not say how they store their weights (transformers' decorated ones
+# carry `is_transposed`): Llama 4's bmm's x @ W with W (E, in, out); torchtitan's
+# GroupedExperts stores (E, out, in).
+EXPERT_LAYOUTS = {"Llama4TextExperts": "in_out", "GroupedExperts": "out_in"}
+# Children that score experts, when the router is a plain layer beside an experts module
+ROUTER_NAMES = ("gate", "router")
 
 
-def neuron_axis_of(module: nn.Module, name: str) -> int | None:
+def is_experts(module: nn.Module) -> bool:
+    """A module holding stacked expert weights: it counts its experts (`num_experts`, as
+    transformers' and torchtitan's do) and owns a >= 3-D parameter with one slice per expert."""
+    count = getattr(module, "num_experts", None)
+    return isinstance(count, int) and any(
+        p.ndim >= 3 and p.shape[0] == count for p in module.parameters(recurse=False))
+
+
+def is_router(module: nn.Module, parent: nn.Module | None, name: str) -> bool:
+    """The layer that scores experts: a module that counts experts but holds none (Mixtral's
+    TopKRouter, Llama 4's Router, an nn.Linear subclass), or a child named gate/router of a
+    module that has an experts child (torchtitan's, Qwen2-MoE-style gates)."""
+    if isinstance(getattr(module, "num_experts", None), int):   # (an MoE block counts them too)
+        return not any(is_experts(m) for m in module.modules())
+    return (parent is not None and name.rsplit(".", 1)[-1] in ROUTER_NAMES
+            and any(is_experts(child) for child in parent.children()))
+
+
+def expert_layout(module: nn.Module, name: str, overrides: dict[str, str]) -> str:
+    """'out_in' or 'in_out' for expert parameter `name` of experts `module`: an override whose
+    fnmatch pattern matches the name, else what the module says (is_transposed), else the
+    known table; a module that says nothing and is not known is taken as (E, out, in) with a
+    warning naming the override."""
+    for pattern, layout in overrides.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            return layout
+    if isinstance(getattr(module, "is_transposed", None), bool):
+        return "in_out" if module.is_transposed else "out_in"
+    if type(module).__name__ in EXPERT_LAYOUTS:
+        return EXPERT_LAYOUTS[type(module).__name__]
+    warnings.warn(
+        f"param_groups: {type(module).__name__} ({name}) does not say whether its experts are "
+        f"stored (E, out, in) or (E, in, out); taking (E, out, in). If it is (E, in, out), pass "
+        f"expert_layouts={{{name!r}: 'in_out'}} (fnmatch patterns of parameter names)",
+        stacklevel=3)
+    return "out_in"
+
+
+def weight_layout(module: nn.Module, name: str) -> tuple[str, int] | None:
     """If `module`'s own parameter `name` is the weight of a linear or convolution layer (a
-    hidden matrix, unless it is the head), the axis of its output neurons; else None."""
+    hidden matrix unless it is the head), its (layout, blocks) for matrix_view; else None.
+    (Experts are found by is_experts, which needs the model's override.)"""
     if isinstance(module, (nn.Linear, *CONVOLUTIONS)):
-        return 0 if name == "weight" else None
+        return ("out_in", getattr(module, "groups", 1)) if name == "weight" else None
     if isinstance(module, TRANSPOSED_CONVOLUTIONS):
-        return 1 if name == "weight" else None
+        # a grouped one's groups split its inputs (dim 0) and its neurons (dim 1) together:
+        # no batch of neuron blocks, so matrix_view cannot express it (blocks=0 says so)
+        return ("in_out", 1 if module.groups == 1 else 0) if name == "weight" else None
     if type(module).__name__ == "Conv1D" and hasattr(module, "nf"):
-        return 1 if name == "weight" else None   # Hugging Face's GPT-2-family linear, (in, out)
+        return ("in_out", 1) if name == "weight" else None  # Hugging Face's GPT-2-family linear
     if isinstance(module, nn.MultiheadAttention):
-        return 0 if name in ATTENTION_PROJECTIONS else None     # its out_proj is an nn.Linear
+        return ("out_in", 1) if name in ATTENTION_PROJECTIONS else None  # out_proj: nn.Linear
     if isinstance(module, nn.RNNBase):
-        return 0 if name.startswith("weight_") else None        # weight_ih_l0, weight_hh_l0, ...
+        return ("out_in", 1) if name.startswith("weight_") else None  # weight_ih_l0, ...
     return None
 
 
-def find_head(model: nn.Module) -> list[nn.Module]:
-    """The model's output layer: what its own accessor returns (Hugging Face's
-    get_output_embeddings(), timm's get_classifier()), else its children with a conventional
-    head name. Empty when neither finds a layer with parameters."""
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel / DataParallel wrappers (whose only child is
+    `module`), so that its head is found and its names are its own."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
+
+
+def last_layer(head: nn.Module) -> nn.Module:
+    """A head that is a container (torchvision's classifier = Sequential(Linear, ReLU, ...,
+    Linear)) is its last module with parameters of its own: the layers before it are hidden."""
+    with_params = [m for m in head.modules() if any(True for _ in m.parameters(recurse=False))]
+    return with_params[-1] if with_params else head
+
+
+def find_head(model: nn.Module) -> tuple[list[nn.Module], list[str]]:
+    """The model's output layers: what its own accessor returns (Hugging Face's
+    get_output_embeddings(), timm's get_classifier(), which may return several: a distilled
+    model's (head, head_dist)), else its children with a conventional head name; each reduced
+    to its last layer with parameters. Returns (heads, what was looked at, for a warning)."""
+    looked = []
     for accessor in ("get_output_embeddings", "get_classifier"):
         method = getattr(model, accessor, None)
+        if not callable(method):
+            continue
         try:
-            head = method() if callable(method) else None
+            found = method()
         except NotImplementedError:
-            head = None
-        if isinstance(head, nn.Module) and any(True for _ in head.parameters()):
-            return [head]
-    return [child for name, child in model.named_children()
-            if name in HEAD_NAMES and any(True for _ in child.parameters())]
+            found = None
+        items = found if isinstance(found, (tuple, list)) else [found]
+        heads = [last_layer(m) for m in items
+                 if isinstance(m, nn.Module) and any(True for _ in m.parameters())]
+        if heads:
+            return heads, looked
+        looked.append(f"{accessor}() returned "
+                      f"{' and '.join(type(m).__name__ for m in items)} (no parameters)")
+    heads = [last_layer(child) for name, child in model.named_children()
+             if name in HEAD_NAMES and any(True for _ in child.parameters())]
+    return heads, looked + [f"no child named one of {HEAD_NAMES}"]
 
 
-def no_decay_names(model: nn.Module) -> set[str]:
-    """Parameter names that the model exempts from weight decay itself: what any of its modules
-    lists in no_weight_decay() (timm's convention), and parameters flagged _no_weight_decay
-    (Mamba's)."""
-    names = {name for name, p in model.named_parameters() if getattr(p, "_no_weight_decay", False)}
+def no_decay_patterns(model: nn.Module) -> list[str]:
+    """fnmatch patterns of the parameters that the model exempts from weight decay itself: what
+    any of its modules lists in no_weight_decay() (timm's convention: names or patterns like
+    'pos_embed.*', relative to that module), and parameters flagged _no_weight_decay (Mamba's)."""
+    patterns = [name for name, p in model.named_parameters()
+                if getattr(p, "_no_weight_decay", False)]
     for prefix, module in model.named_modules():
         listed = getattr(module, "no_weight_decay", None)
         if callable(listed):
-            names.update(f"{prefix}.{name}" if prefix else name for name in listed())
-    return names
+            patterns.extend(f"{prefix}.{name}" if prefix else name for name in listed())
+    return patterns
 
 
-def param_groups(model: nn.Module, head=None, algorithm: str = "normuon",
-                 **adamw_options) -> list[dict]:
-    """Split a model's trainable parameters into the groups NorMuon wants.
+def is_gain_shaped(p: Tensor, experts: int | None) -> bool:
+    """At most one dim larger than 1 (a gain, bias or scalar: (C,), (C, 1, 1), (1, 1, C)),
+    not counting the expert dim of an experts module's per-expert biases (E, C)."""
+    shape = p.shape[1:] if experts is not None and p.ndim >= 2 and p.shape[0] == experts \
+        else p.shape
+    return sum(size > 1 for size in shape) <= 1
 
-    Hidden matrices -> `algorithm` ("normuon"): the weights of nn.Linear, nn.Conv*d and
-    nn.ConvTranspose*d, Hugging Face's Conv1D (recognised by name, without importing
-    transformers), and the projections of nn.MultiheadAttention and RNNs. Weights stored
-    (in, out) — Conv1D, ConvTranspose — get a group of their own with neuron_axis=1, so that
-    their output neurons are the ones normalized.
-    Everything else -> "adamw": embeddings, the head, free parameters (ViT's cls token and
-    position embeddings, Mamba's A_log, bias tables), gains, biases and scalars. Gains, biases,
-    scalars and what the model lists in no_weight_decay() form an adamw group with
-    weight_decay=0; the others keep the usual decay.
 
-    The head is `head` — a module, a parameter, a (module or parameter) name, a list of these,
-    or () for a model without one — or by default what find_head() finds; if it finds none, a
-    warning says so. Shape alone cannot decide: embeddings and the head are matrices too.
-    `adamw_options` (lr=..., weight_decay=..., betas=...) go into the adamw groups only.
-    Parameters keep their names; describe_param_groups() prints where each went.
-    """
+def route(model: nn.Module, head=None, expert_layouts: dict[str, str] | None = None):
+    """Where param_groups puts each trainable parameter: yields (name, parameter, kind, reason)
+    with kind ("matrix", layout, blocks), "decay" or "no_decay". The rules, in order:
+    what the model lists in no_weight_decay() -> no decay; the head, embeddings and routers ->
+    AdamW (gain-shaped ones without decay); layer weights and experts -> a matrix group, unless
+    one of their matrices has fewer than 2 neurons or inputs (depthwise convs, (1, n)
+    weights) -> AdamW; other gain-shaped parameters -> no decay; the rest (free parameters:
+    tokens, position embeddings, tables) -> AdamW."""
+    model = unwrapped(model)
     modules = dict(model.named_modules())
     if head is None:
-        heads = find_head(model)
+        heads, looked = find_head(model)
         if not heads:
             warnings.warn(
-                f"param_groups: found no output head in {type(model).__name__} (no "
-                f"get_output_embeddings()/get_classifier(), no child named one of {HEAD_NAMES}),"
-                f" so every linear layer is treated as hidden; pass head=<module or name> if the "
-                f"model has an output layer, or head=() if it has none", stacklevel=2)
+                f"param_groups: found no output head in {type(model).__name__} "
+                f"({'; '.join(looked)}), so every linear layer is treated as hidden; pass "
+                f"head=<module or name> if the model has an output layer, or head=() if it "
+                f"has none", stacklevel=3)
     else:
         heads = head if isinstance(head, (list, tuple)) else [head]
-    adamw_ids = set()
+    special = {}   # id -> reason, for the parameters that go to AdamW whatever their shape
     for item in heads:
         if isinstance(item, str) and item not in modules:
             item = model.get_parameter(item)   # raises, naming it, if it is neither
         elif isinstance(item, str):
             item = modules[item]
-        adamw_ids.update(map(id, item.parameters() if isinstance(item, nn.Module) else [item]))
-    axes = {}   # id -> neuron axis, for hidden matrices
-    for module in modules.values():
+        for p in item.parameters() if isinstance(item, nn.Module) else [item]:
+            special[id(p)] = "head"
+    layouts, experts_of = {}, {}   # id -> (layout, blocks), id -> its module's expert count
+    for module_name, module in modules.items():
+        parent = modules.get(module_name.rpartition(".")[0]) if module_name else None
         if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):   # also when tied to a Linear
-            adamw_ids.update(map(id, module.parameters()))
+            for p in module.parameters():
+                special.setdefault(id(p), "embedding")
+        elif is_router(module, parent, module_name):
+            for p in module.parameters():
+                special.setdefault(id(p), "router")
+        experts = is_experts(module)
         for name, p in module.named_parameters(recurse=False):
-            axis = neuron_axis_of(module, name)
-            if axis is not None and p.ndim >= 2:
-                axes.setdefault(id(p), axis)
-    exempt = no_decay_names(model)
+            full = f"{module_name}.{name}" if module_name else name
+            if experts:
+                experts_of[id(p)] = module.num_experts
+                if p.ndim >= 3 and p.shape[0] == module.num_experts:
+                    side = expert_layout(module, full, expert_layouts or {})
+                    layouts.setdefault(id(p), (f"experts_{side}", 1))
+            elif (layout := weight_layout(module, name)) is not None and p.ndim >= 2:
+                layouts.setdefault(id(p), layout)
+    exempt = no_decay_patterns(model)
 
-    matrices, decay, no_decay = {}, [], []
     for name, p in model.named_parameters():   # shared (tied) parameters are listed once
         if not p.requires_grad:
             continue
-        if id(p) in axes and id(p) not in adamw_ids:
-            matrices.setdefault(axes[id(p)], []).append((name, p))
-        elif p.ndim < 2 or name in exempt:
-            no_decay.append((name, p))
+        gain = is_gain_shaped(p, experts_of.get(id(p)))
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in exempt):
+            yield name, p, "no_decay", "listed in no_weight_decay()"
+        elif id(p) in special:
+            yield name, p, "no_decay" if gain else "decay", special[id(p)]
+        elif id(p) in layouts:
+            layout, blocks = layouts[id(p)]
+            if blocks == 0:
+                yield name, p, "decay", "grouped transposed conv"
+                continue
+            view = matrix_view(p.shape, layout, blocks)
+            if min(view.neurons, view.inputs) >= 2:
+                yield name, p, ("matrix", layout, blocks), (
+                    "experts" if layout.startswith("experts_") else "hidden")
+            else:
+                yield name, p, "decay", ("depthwise conv" if blocks > 1 and view.neurons == 1
+                                         else "fewer than 2 neurons or inputs")
         else:
-            decay.append((name, p))
-    groups = [{"params": params, "algorithm": algorithm, "neuron_axis": axis}
-              for axis, params in sorted(matrices.items())]
+            yield name, p, "no_decay" if gain else "decay", (
+                "gain, bias or scalar" if gain else "free parameter")
+
+
+def param_groups(model: nn.Module, head=None, algorithm: str = "normuon",
+                 expert_layouts: dict[str, str] | None = None, **adamw_options) -> list[dict]:
+    """Split a model's trainable parameters into the groups NorMuon wants (see `route` for the
+    rules, the README for why).
+
+    Hidden matrices -> `algorithm` ("normuon"): the weights of nn.Linear, nn.Conv*d and
+    nn.ConvTranspose*d, Hugging Face's Conv1D (recognised by name, without importing
+    transformers), the projections of nn.MultiheadAttention and RNNs, and MoE expert weights
+    (E, out, in) or (E, in, out), each expert its own matrix. One group per (layout, blocks):
+    a grouped conv steps group by group, a weight stored (in, out) as its transpose.
+    Everything else -> "adamw": embeddings, the head(s), routers, free parameters (ViT's cls
+    token and position embeddings, Mamba's A_log, bias tables), degenerate matrices (depthwise
+    convs), gains, biases and scalars. Gain-shaped parameters and what the model lists in
+    no_weight_decay() (fnmatch patterns) form an adamw group with weight_decay=0.
+
+    The head is `head` — a module, a parameter, a (module or parameter) name, a list of these,
+    or () for a model without one — or by default what find_head() finds; if it finds none, a
+    warning says what it looked at. DDP / DataParallel wrappers are looked through (names are
+    the wrapped model's). `expert_layouts` maps fnmatch patterns of expert parameter names to
+    "out_in" / "in_out", for experts modules that do not say (a warning asks for it).
+    `adamw_options` (lr=..., weight_decay=..., betas=...) go into the adamw groups only.
+    Parameters keep their names, and each group lists why each is there (`routing`):
+    describe_param_groups() prints it.
+    """
+    matrices, decay, no_decay = {}, [], []
+    for name, p, kind, reason in route(model, head, expert_layouts):
+        target = {"decay": decay, "no_decay": no_decay}.get(kind)
+        if target is None:
+            target = matrices.setdefault(kind[1:], [])
+        target.append((name, p, reason))
+    groups = [{"params": params, "algorithm": algorithm, "layout": layout, "blocks": blocks}
+              for (layout, blocks), params in sorted(matrices.items())]
     groups.append({"params": decay, "algorithm": "adamw", **adamw_options})
     groups.append({"params": no_decay, "algorithm": "adamw", **adamw_options, "weight_decay": 0.0})
+    for group in groups:
+        group["routing"] = [reason for _, _, reason in group["params"]]
+        group["params"] = [(name, p) for name, p, _ in group["params"]]
     return [g for g in groups if g["params"]]
 
 
 def describe_param_groups(groups: list[dict]) -> str:
     """One line per group — its algorithm and settings, how many tensors and elements, and
-    their names with layer indices folded (h.*.attn.c_attn.weight) — to check at a glance that
-    a model is routed as expected: print(describe_param_groups(param_groups(model))). Takes
-    param_groups()'s output or an optimizer's param_groups."""
+    their names with layer indices folded (h.*.attn.c_attn.weight), under the reason each is
+    there where it is not the group's plain kind (head, router, depthwise conv, listed in
+    no_weight_decay(), ...) — to check at a glance that a model is routed as expected:
+    print(describe_param_groups(param_groups(model))). Takes param_groups()'s output or an
+    optimizer's param_groups."""
     lines = []
     for index, group in enumerate(groups):
         entries = list(group["params"])
@@ -673,16 +868,29 @@ def describe_param_groups(groups: list[dict]) -> str:
             params = entries
             names = group.get("param_names") or [f"<{tuple(p.shape)}>" for p in params]
         settings = [group.get("algorithm", "normuon")]
-        if group.get("neuron_axis", 0) != 0:
-            settings.append(f"neurons on dim {group['neuron_axis']}")
+        if group.get("layout", "out_in") != "out_in":
+            settings.append({"in_out": "stored (in, out)",
+                             "experts_out_in": "experts (E, out, in)",
+                             "experts_in_out": "experts (E, in, out)"}[group["layout"]])
+        if group.get("blocks", 1) != 1:
+            settings.append(f"{group['blocks']} blocks")
         if "weight_decay" in group:
             settings.append(f"weight_decay={group['weight_decay']}")
-        folded = list(dict.fromkeys(re.sub(r"\.\d+(?=\.|$)", ".*", name) for name in names))
-        shown = ", ".join(folded[:8]) + (f", ... ({len(folded) - 8} more)" if len(folded) > 8
-                                          else "")
+        reasons = group.get("routing") or [""] * len(names)
+        plain = {"hidden", "experts", "gain, bias or scalar", ""}
+        by_reason: dict[str, list[str]] = {}
+        for name, reason in zip(names, reasons):
+            folded = re.sub(r"\.\d+(?=\.|$)", ".*", name)
+            by_reason.setdefault("" if reason in plain else reason, []).append(folded)
+        parts = []
+        for reason, folded in by_reason.items():
+            folded = list(dict.fromkeys(folded))
+            shown = ", ".join(folded[:8]) + (f", ... ({len(folded) - 8} more)"
+                                              if len(folded) > 8 else "")
+            parts.append(f"{reason}: {shown}" if reason else shown)
         elements = sum(p.numel() for p in params)
         lines.append(f"group {index} ({', '.join(settings)}): {len(params)} tensors, "
-                     f"{elements:,} elements: {shown}")
+                     f"{elements:,} elements: {'; '.join(parts)}")
     return "\n".join(lines)
 
 

@@ -3,6 +3,10 @@ from pathlib import Path
 
 import pytest
 
+from cpu_torchvision import define_missing_ops
+
+define_missing_ops()   # before any test module imports transformers or timm
+
 
 @pytest.fixture(scope="session")
 def corpus(tmp_path_factory) -> Path:

@@ -272,8 +272,8 @@ def scenario_refusals(world, rank, mesh):
     other_mesh = sharded(nn.Linear(4, 8), alone)
     opt = DistributedNorMuon(make_groups(sharded(new_model(), mesh)), compile=False)
     result = dict(
-        neuron_axis=message(lambda: DistributedNorMuon(
-            [{"params": list(transposed.parameters())[::2], "neuron_axis": 1}])),
+        in_out=message(lambda: DistributedNorMuon(
+            [{"params": list(transposed.parameters())[::2], "layout": "in_out"}])),
         other_mesh=message(lambda: DistributedNorMuon(make_groups(other_mesh))),
         deepcopy=message(lambda: copy.deepcopy(opt), TypeError),
         pickle=message(lambda: pickle.dumps(opt), TypeError))

@@ -299,7 +299,7 @@ def test_conv_weight_is_normalized_per_output_channel(adjust_lr):
 @pytest.mark.parametrize("adjust_lr", ["match_rms_adamw", "original"])
 @pytest.mark.parametrize("stored", [(12, 40), (12, 40, 3)], ids=["in_out", "in_out_k"])
 def test_weight_stored_in_out_steps_as_its_neuron_matrix(stored, adjust_lr):
-    # A weight stored (in, out, ...) with neuron_axis=1 (Conv1D, ConvTranspose) is the plain
+    # A weight stored (in, out, ...) with layout="in_out" (Conv1D, ConvTranspose) is the plain
     # reference's (out, in*k) matrix, moved back: rows there are the output neurons.
     hyper = dict(algorithm="normuon", lr=0.05, weight_decay=0.1, momentum=0.9, beta2=0.95,
                  eps=1e-8, nesterov=True, adjust_lr=adjust_lr)
@@ -311,33 +311,49 @@ def test_weight_stored_in_out_steps_as_its_neuron_matrix(stored, adjust_lr):
 
     expected = reference_run(neuron_rows(W0), [neuron_rows(g[0]) for g in grads], **hyper)
     W = nn.Parameter(W0.clone())
-    opt = run_optimizer([W], grads, lambda ps: NorMuon(ps, orthogonalizer="svd", neuron_axis=1,
+    opt = run_optimizer([W], grads, lambda ps: NorMuon(ps, orthogonalizer="svd", layout="in_out",
                                                        **hyper))
     assert opt.state[W]["second_moment"].shape == (40,)
     torch.testing.assert_close(neuron_rows(W.detach()) - neuron_rows(W0),
                                expected - neuron_rows(W0), rtol=1e-9, atol=1e-12)
 
 
-def test_neuron_axis_outside_the_weight_is_refused_naming_it():
+def test_a_layout_the_weight_cannot_have_is_refused_naming_it():
     W = nn.Parameter(torch.randn(4, 6))
-    with pytest.raises(ValueError, match=r"neuron_axis=2 but a parameter of shape \(4, 6\) has no such dim"):
-        NorMuon([W], neuron_axis=2)
-    with pytest.raises(ValueError, match="neuron_axis must be an integer >= 0"):
-        NorMuon([W], neuron_axis=-1)
+    with pytest.raises(ValueError, match=r"shape \(4, 6\): layout 'experts_out_in' needs at "
+                                         r"least 3 dims"):
+        NorMuon([W], layout="experts_out_in")
+    with pytest.raises(ValueError, match=r"blocks=3 must be an integer >= 1 that divides the 4 "):
+        NorMuon([W], blocks=3)
+    with pytest.raises(ValueError, match="unknown layout 'rows'"):
+        NorMuon([W], layout="rows")
+    with pytest.raises(ValueError, match="neuron_axis is now layout: 'in_out'"):
+        NorMuon([{"params": [W], "neuron_axis": 1}])
 
 
-def test_state_dict_saved_before_neuron_axis_existed_still_loads():
+@pytest.mark.parametrize("saved_axis, layout", [(None, "out_in"), (0, "out_in"), (1, "in_out")])
+def test_state_dict_saved_before_layout_existed_still_loads(saved_axis, layout):
+    # before `layout`: no neuron_axis key at first, then neuron_axis 0 or 1; the second moment
+    # was one value per output neuron then as now
     W = nn.Parameter(torch.randn(6, 4))
-    opt = NorMuon([W])
+    opt = NorMuon([W], layout=layout)
     W.grad = torch.randn(6, 4)
     opt.step()
     saved = opt.state_dict()
     for group in saved["param_groups"]:
-        del group["neuron_axis"]
+        del group["layout"], group["blocks"]
+        if saved_axis is not None:
+            group["neuron_axis"] = saved_axis
     resumed = NorMuon([W])
     resumed.load_state_dict(saved)
-    assert resumed.param_groups[0]["neuron_axis"] == 0
+    assert resumed.param_groups[0]["layout"] == layout
+    assert "neuron_axis" not in resumed.param_groups[0]
+    torch.testing.assert_close(resumed.state[W]["second_moment"], opt.state[W]["second_moment"])
+    W.grad = torch.randn(6, 4)
     resumed.step()
+    opt.step()
+    torch.testing.assert_close(resumed.state[W]["momentum_buffer"],
+                               opt.state[W]["momentum_buffer"])
 
 
 # ----------------------------------------------------------------------------- dtypes, state

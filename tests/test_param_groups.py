@@ -13,13 +13,15 @@ from normuon import NorMuon, describe_param_groups, param_groups
 # ----------------------------------------------------------------------------- helpers
 
 def routing(groups: list[dict]) -> dict[str, str]:
-    """name -> "rows" / "columns" (hidden matrix, neuron axis 0 / 1), "decay" or "no_decay"."""
+    """name -> "rows" / "columns" (a hidden matrix stored (out, in) / (in, out)), "experts_out_in"
+    / "experts_in_out", with "/g" for g blocks (a grouped conv's), or "decay" / "no_decay"."""
     where = {}
     for group in groups:
         if group["algorithm"] == "adamw":
             kind = "no_decay" if group.get("weight_decay") == 0.0 else "decay"
         else:
-            kind = ("rows", "columns")[group["neuron_axis"]]
+            kind = {"out_in": "rows", "in_out": "columns"}.get(group["layout"], group["layout"])
+            kind += f"/{group['blocks']}" if group["blocks"] != 1 else ""
         for name, _ in group["params"]:
             assert name not in where, f"{name} is in two groups"
             where[name] = kind
@@ -183,8 +185,9 @@ def test_bert_style_output_dense_layers_are_hidden_and_classifier_is_the_head():
 @pytest.mark.parametrize("list_no_decay", [False, True])
 def test_vit_style_tokens_go_to_adamw_and_its_no_weight_decay_list_is_honoured(list_no_decay):
     where = routed(ViTStyle(list_no_decay=list_no_decay))
-    token_kind = "no_decay" if list_no_decay else "decay"
-    assert where["cls_token"] == where["pos_embed"] == token_kind
+    # cls_token (1, 1, d) has one dim larger than 1, like a gain: no decay either way
+    assert where["cls_token"] == "no_decay"
+    assert where["pos_embed"] == ("no_decay" if list_no_decay else "decay")
     assert where["patch_embed.proj.weight"] == "rows"
     assert where["blocks.0.mlp.fc.weight"] == "rows"       # `fc` inside a block is hidden
     assert where["blocks.1.qkv.weight"] == where["blocks.1.proj.weight"] == "rows"
@@ -212,7 +215,7 @@ def test_mamba_style_state_space_parameters_go_to_adamw(flag_no_decay):
     assert where["mixer.A_log"] == ("no_decay" if flag_no_decay else "decay")
     assert where["mixer.D"] == "no_decay"
     assert where["mixer.in_proj.weight"] == where["mixer.out_proj.weight"] == "rows"
-    assert where["mixer.conv1d.weight"] == "rows"
+    assert where["mixer.conv1d.weight"] == "decay"    # depthwise: one-neuron matrices
     assert where["embeddings.weight"] == "decay"     # tied to lm_head: listed once
 
 
@@ -230,7 +233,7 @@ def test_attention_and_recurrent_projections_are_hidden():
                      lstm=nn.LSTM(8, 8, num_layers=2, proj_size=4), head=nn.Linear(8, 2))
     where = routed(model)
     assert where["attn.in_proj_weight"] == where["attn.out_proj.weight"] == "rows"
-    assert where["attn.bias_k"] == "decay"      # a free (1, 1, 8) parameter
+    assert where["attn.bias_k"] == "no_decay"   # a (1, 1, 8) bias
     for name in ("weight_ih_l0", "weight_hh_l0", "weight_hr_l0", "weight_ih_l1"):
         assert where[f"lstm.{name}"] == "rows"
     assert where["lstm.bias_ih_l0"] == where["attn.in_proj_bias"] == "no_decay"

@@ -73,8 +73,8 @@ def check_bert(model, where):
 
 def check_vit(model, where):
     expect(where, "rows", linear_weights(model, "vit.", (nn.Linear, nn.Conv2d)))
-    expect(where, "decay", {"vit.embeddings.cls_token", "vit.embeddings.position_embeddings",
-                            "classifier.weight"})
+    expect(where, "decay", {"vit.embeddings.position_embeddings", "classifier.weight"})
+    expect(where, "no_decay", {"vit.embeddings.cls_token"})   # (1, 1, D): gain-shaped
 
 
 def check_gpt2(model, where):
@@ -97,7 +97,8 @@ def check_resnet(model, where):
 
 
 def check_mamba(model, where):
-    expect(where, "rows", linear_weights(model, "backbone.layers", (nn.Linear, nn.Conv1d)))
+    expect(where, "rows", linear_weights(model, "backbone.layers"))
+    expect(where, "decay", linear_weights(model, "backbone.layers", (nn.Conv1d,)))  # depthwise
     expect(where, "decay", {"backbone.embeddings.weight", "backbone.layers.0.mixer.A_log",
                             "backbone.layers.1.mixer.A_log"})
     expect(where, "no_decay", {"backbone.layers.0.mixer.D", "backbone.norm_f.weight"})
