@@ -159,8 +159,9 @@ def main() -> None:
     full = gpt2_shapes(12, 1)
     for world in (2, 4, 8, 16):
         load = [0] * world
-        for shape, owner in zip(full, assign_owners(full, world)):
-            load[owner] += newton_schulz_flops(*shape)
+        costs = [newton_schulz_flops(*shape) for shape in full]
+        for cost, owner in zip(costs, assign_owners(costs, world)):
+            load[owner] += cost
         print(f"  W={world:<3} {max(load) / (sum(load) / world):.3f}")
     hsdp_choice(full)
 
