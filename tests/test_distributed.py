@@ -156,3 +156,18 @@ def test_compiled_step_agrees_with_eager_and_lr_changes_do_not_recompile(tmp_pat
     result = launch("compile", 2, tmp_path)
     assert result["recompiled"] is False, result["recompiled"]
     assert result["error"] < 0.05      # bf16 precision: the fused and eager kernels round apart
+
+
+def test_moe_experts_sharded_by_fsdp2_step_locally_and_match_the_single_device_optimizer(
+        tmp_path):
+    pytest.importorskip("transformers")
+    for world in (2, 3):   # 3 ranks, 4 experts: 2, 2 and none per rank
+        runs = launch("moe", world, tmp_path)
+        assert [run["local_experts"] for run in runs] == [len(c) for c in
+                                                          torch.arange(4).chunk(world)] + \
+            [0] * (world - len(torch.arange(4).chunk(world)))
+        for rank, run in enumerate(runs):
+            assert run["exchanged"] == 0                 # whole experts: no owner, no exchange
+            assert run["error"] < 1e-5, (world, rank)
+    # the W=2 checkpoint, loaded at W=3, is the 3-step state and steps on as one run does
+    assert all(run["resumed_error"] < 1e-5 for run in runs)
