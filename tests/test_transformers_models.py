@@ -97,8 +97,13 @@ def check_resnet(model, where):
 
 
 def check_mamba(model, where):
-    expect(where, "rows", linear_weights(model, "backbone.layers"))
-    expect(where, "decay", linear_weights(model, "backbone.layers", (nn.Conv1d,)))  # depthwise
+    # dt_proj is (d_inner, dt_rank) = (32, 1): one input per neuron, so not a matrix
+    # (matrices of fewer than 2 neurons or inputs go to AdamW), like the depthwise conv1d
+    linears = linear_weights(model, "backbone.layers")
+    single_input = {n for n in linears if min(model.get_parameter(n).shape) < 2}
+    assert single_input == {f"backbone.layers.{i}.mixer.dt_proj.weight" for i in range(2)}
+    expect(where, "rows", linears - single_input)
+    expect(where, "decay", single_input | linear_weights(model, "backbone.layers", (nn.Conv1d,)))
     expect(where, "decay", {"backbone.embeddings.weight", "backbone.layers.0.mixer.A_log",
                             "backbone.layers.1.mixer.A_log"})
     expect(where, "no_decay", {"backbone.layers.0.mixer.D", "backbone.norm_f.weight"})
