@@ -68,8 +68,9 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from normuon import (MatrixView, NorMuon, apply_update, group_view, learning_rate,
-                     matrix_view, nesterov_direction, neuron_step, newton_schulz_flops,
-                     orthogonalize, orthogonalizer_dtype, param_labels, update_scale)
+                     matrix_sq_norms, matrix_view, nesterov_direction, neuron_step,
+                     newton_schulz_flops, orthogonalize, orthogonalizer_dtype, param_labels,
+                     update_scale)
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -409,13 +410,21 @@ class DistributedNorMuon(NorMuon):
             g = x.group
             row_scale, row_sq = self._neuron_step(x.O, local(x.state["second_moment"]),
                                                   algorithm=g["algorithm"], beta2=g["beta2"],
-                                                  eps=g["eps"])                 # (rows,), (rows, 2)
-            # the block (matrix of the view) of each local row: a shard may cut a block
+                                                  eps=g["eps"])                 # (rows,) each
+            # the block (matrix of the view) of each local row: a shard may cut a block, so
+            # each block's share is summed over the local rows that it holds
             first = sum(x.rows[:self.rank]) if x.rows is not None else 0
-            block = torch.arange(first, first + x.O.shape[0], device=row_sq.device) \
-                // x.view.neurons                                              # (rows,)
-            block_sums.append(row_sq.new_zeros(x.view.matrices, 2).index_add_(0, block, row_sq))
-            rows_of.append((row_scale, block))
+            size, rows = x.view.neurons, x.O.shape[0]
+            sums = row_sq.new_zeros(x.view.matrices, 2)
+            row = 0
+            while row < rows:
+                b = (first + row) // size
+                end = min(rows, (b + 1) * size - first)
+                sums[b] = matrix_sq_norms(row_scale[row:end], row_sq[row:end])
+                row = end
+            block_sums.append(sums)
+            rows_of.append((row_scale, torch.arange(first, first + rows,
+                                                    device=row_sq.device) // size))
         sq_norms = torch.cat(block_sums)                # (all blocks, 2): this rank's rows
         sharded = torch.tensor([x.rows is not None for x in matrices for _ in
                                 range(x.view.matrices)], device=sq_norms.device).unsqueeze(-1)

@@ -233,9 +233,9 @@ def nesterov_direction(momentum_buffer: Tensor, grad: Tensor, momentum: float,
 
 def neuron_step(O: Tensor, second_moment: Tensor, *, algorithm: str, beta2: float,
                 eps: float) -> tuple[Tensor, Tensor]:
-    """Steps 4-5 on O (..., m, n): returns (row_scale, row_sq_norms), where
-    O^ = O * row_scale[..., None] and row_sq_norms (..., m, 2) = (|O^_i|^2, |O_i|^2) of every
-    row i: summed over a matrix's rows, they are the squared norms that step 6 divides by.
+    """Steps 4-5 on O (..., m, n): returns (row_scale, row_sq), where O^ = O * row_scale[..., None]
+    and row_sq (..., m) = |O_i|^2 of every row i (matrix_sq_norms turns them into the norms
+    that step 6 divides by).
 
     For "normuon", v = second_moment (..., m) is updated in place (no bias correction) and
     row_scale = 1/(sqrt(v) + eps); for "muon", row_scale = 1. O is only read, and O^ is never
@@ -251,7 +251,12 @@ def neuron_step(O: Tensor, second_moment: Tensor, *, algorithm: str, beta2: floa
         row_scale = 1 / (second_moment.sqrt() + eps)          # step 5
     else:
         row_scale = torch.ones_like(row_sq)
-    return row_scale, torch.stack([row_sq * row_scale.square(), row_sq], dim=-1)
+    return row_scale, row_sq
+
+
+def matrix_sq_norms(row_scale: Tensor, row_sq: Tensor) -> Tensor:
+    """(|O^|_F^2, |O|_F^2) (..., 2) of the rows given, (..., m), from neuron_step's output."""
+    return torch.stack([(row_sq * row_scale.square()).sum(-1), row_sq.sum(-1)], dim=-1)
 
 
 def update_scale(O_hat_sq_norm: Tensor, O_sq_norm: Tensor, m: int, n: int,
@@ -489,9 +494,9 @@ class NorMuon(torch.optim.Optimizer):
         U = torch.cat(directions) if len(directions) > 1 else directions[0]  # (P*k, m, n)
         O = orthogonalize(U, group["orthogonalizer"], group["ns_steps"])  # step 3, U's dtype
         second_moments = torch.cat([state["second_moment"].view(k, m) for state in states])
-        row_scales, row_sq_norms = neuron_step(O, second_moments, algorithm=group["algorithm"],
-                                               beta2=group["beta2"], eps=group["eps"])
-        sq_norms = row_sq_norms.sum(-2)                                       # (P*k, 2)
+        row_scales, row_sq = neuron_step(O, second_moments, algorithm=group["algorithm"],
+                                         beta2=group["beta2"], eps=group["eps"])  # steps 4-5
+        sq_norms = matrix_sq_norms(row_scales, row_sq)                        # (P*k, 2)
         for i, (p, state) in enumerate(zip(params, states)):                  # steps 6-7
             mine = slice(i * k, (i + 1) * k)
             state["second_moment"].view(k, m).copy_(second_moments[mine])
