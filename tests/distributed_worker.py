@@ -360,6 +360,30 @@ def scenario_hsdp_load(world, rank, mesh, out_dir):
     return dict(error=error, mesh=[replicas, world // replicas])
 
 
+def scenario_grouped(world, rank, mesh):
+    """A grouped conv of 3 groups of 3 output channels, sharded by rows (W=2: 5 and 4 rows, so
+    the middle group is cut by the shard boundary), against the single-device optimizer."""
+    def new_convs():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv1d(6, 9, 3, groups=3), nn.Conv2d(4, 10, 3, groups=2),
+                             nn.Linear(5, 7))
+    start = full_params(new_convs())
+    results = []
+    for algorithm in ("normuon", "muon"):
+        for adjust_lr in ("match_rms_adamw", "original"):
+            config = dict(HYPER, algorithm=algorithm, adjust_lr=adjust_lr, orthogonalizer="svd")
+            reference = new_convs()
+            train(reference, NorMuon(param_groups(reference, head=()), **config), 5,
+                  gradients="random")
+            model = sharded(new_convs(), mesh)
+            opt = DistributedNorMuon(param_groups(model, head=()), **config, compile=False)
+            train(model, opt, 5, gradients="random")
+            blocks = sorted(g["blocks"] for g in opt.param_groups if g["algorithm"] != "adamw")
+            results.append(dict(config, blocks=blocks, error=relative_error(
+                full_params(model), full_params(reference), start)))
+    return results
+
+
 def tiny_mixtral():
     """A Mixtral from a tiny config: 4 experts stacked (E, out, in) per layer, routers."""
     from cpu_torchvision import define_missing_ops

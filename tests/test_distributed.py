@@ -171,3 +171,11 @@ def test_moe_experts_sharded_by_fsdp2_step_locally_and_match_the_single_device_o
             assert run["error"] < 1e-5, (world, rank)
     # the W=2 checkpoint, loaded at W=3, is the 3-step state and steps on as one run does
     assert all(run["resumed_error"] < 1e-5 for run in runs)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_grouped_conv_cut_by_a_shard_matches_the_single_device_optimizer(world, tmp_path):
+    # at W=2 rank 0 holds rows 0-4 of the (9, 2, 3) conv: all of group 0 and part of group 1
+    for run in launch("grouped", world, tmp_path):
+        assert run["blocks"] == [1, 2, 3]
+        assert run["error"] < 1e-5, run
