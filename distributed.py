@@ -60,6 +60,7 @@ At one rank per row group (one process, or HSDP with one rank per replica) every
 local: the step is normuon.NorMuon's, on the local tensors, with no exchange.
 """
 import dataclasses
+import math
 import itertools
 
 import torch
@@ -281,7 +282,7 @@ class DistributedNorMuon(NorMuon):
                 f"branch, or a layer unused on some ranks?). No parameter was updated.")
 
     def _momentum(self, p: Tensor, group: dict, state: dict) -> Matrix:
-        m, n = p.shape[0], p[0].numel()                   # the global (out, in*k...) form
+        m, n = p.shape[0], math.prod(p.shape[1:])          # the global (out, in*k...) form
         U = nesterov_direction(local(state["momentum_buffer"]), local(p.grad),
                                group["momentum"], group["nesterov"])
         rows = shard_rows(m, self.world) if isinstance(p, DTensor) else None
