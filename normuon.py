@@ -67,6 +67,7 @@ memory is about 7 bytes per element of that one matrix (torch.optim.Muon's: abou
 """
 import copy
 import fnmatch
+import inspect
 import math
 import re
 import warnings
@@ -398,6 +399,9 @@ class NorMuon(torch.optim.Optimizer):
                         momentum=momentum, beta2=beta2, eps=eps, nesterov=nesterov,
                         ns_steps=ns_steps, orthogonalizer=orthogonalizer, adjust_lr=adjust_lr,
                         betas=betas, layout=layout, blocks=blocks)
+        # torch.optim's habit: a bad keyword is named whatever `params` is; each group is
+        # checked again as it is added
+        check_options(defaults, "NorMuon")
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -506,13 +510,19 @@ class NorMuon(torch.optim.Optimizer):
                          weight_decay=group["weight_decay"])
 
     def __setstate__(self, state: dict) -> None:
-        """Groups saved before an option existed get its default (torch.optim's habit)."""
+        """Groups saved before an option existed get its default (torch.optim's habit).
+
+        Only NorMuon's own options: torch's `__setstate__` adds `differentiable` to `defaults`,
+        and copying that into the groups would make a state dict differ after a round trip."""
         super().__setstate__(state)
+        options = option_defaults()
+        for key, value in options.items():   # a pickle saved before an option existed
+            self.defaults.setdefault(key, value)
         for group in self.param_groups:
             if "neuron_axis" in group:   # saved before `layout`: neuron_axis 1 was (in, out)
                 group.setdefault("layout", ("out_in", "in_out")[group.pop("neuron_axis")])
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
+            for key in options:
+                group.setdefault(key, self.defaults[key])
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch.optim casts loaded state to each parameter's dtype, which would round our
@@ -524,6 +534,13 @@ class NorMuon(torch.optim.Optimizer):
             for key, value in state_dict["state"].get(saved_id, {}).items():
                 if isinstance(value, Tensor):
                     self.state[p][key] = value.to(device=p.device, copy=True)
+
+
+def option_defaults() -> dict:
+    """NorMuon's options and their defaults, as its constructor's signature states them."""
+    signature = inspect.signature(NorMuon.__init__).parameters.values()
+    return {arg.name: arg.default for arg in signature if arg.kind is arg.KEYWORD_ONLY
+            or arg.name in ("lr", "weight_decay")}
 
 
 def working_set(view: MatrixView) -> int:
@@ -560,9 +577,9 @@ def param_labels(group: dict) -> list[str]:
             for p, name in zip(group["params"], names)]
 
 
-def check_param_group(group: dict, index: int) -> None:
-    """Raise a ValueError that names the bad option of param group `index` and the fix."""
-    where = f"NorMuon param group {index}"
+def check_options(group: dict, where: str) -> None:
+    """Raise a ValueError, prefixed by `where`, that names the bad option of `group` (the
+    constructor's keywords, or a param group) and the fix."""
 
     def require(ok: bool, message: str) -> None:
         if not ok:
@@ -592,6 +609,19 @@ def check_param_group(group: dict, index: int) -> None:
             "stored (in, out, ...) such as Hugging Face's Conv1D, 'out_in' (the default) else")
     require(group["layout"] in LAYOUTS, f"unknown layout {group['layout']!r}; choose one of "
             f"{LAYOUTS}")
+
+
+def check_param_group(group: dict, index: int) -> None:
+    """Raise a ValueError that names the bad option or parameter of param group `index` and
+    the fix."""
+    where = f"NorMuon param group {index}"
+    check_options(group, where)
+
+    def require(ok: bool, message: str) -> None:
+        if not ok:
+            raise ValueError(f"{where}: {message}")
+
+    algorithm = group["algorithm"]
     for p, label in zip(group["params"], param_labels(group)):
         require(not p.is_complex(), f"{label} is complex ({p.dtype}); NorMuon supports "
                 f"real floating-point parameters only")

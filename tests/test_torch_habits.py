@@ -1,6 +1,10 @@
 """What users of torch.optim expect of NorMuon beyond the math: a tensor lr (also compiled),
-zero-size matrices, non-finite gradients, and gradients at any scale of float32."""
+state dicts that round-trip, errors before any work, closures, groups added later, zero-size
+matrices, non-finite gradients, and gradients at any scale of float32. (torch's own generic
+optimizer tests check these properties for every torch.optim optimizer.)"""
+import copy
 import math
+import pickle
 
 import pytest
 import torch
@@ -76,6 +80,121 @@ def test_compiled_step_with_tensor_lr_recompiles_no_more_than_with_float_lr():
     assert tensor_frames <= 3       # the first step (empty state), then steady
     for a, b in zip(float_params, tensor_params):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------- state round trips
+
+def stepped_optimizer(named: bool, steps: int = 2):
+    """A model and its NorMuon (a matrix and an AdamW group, with or without param names)
+    after `steps` steps."""
+    model = small_model()
+    groups = param_groups(model, head=model[4])
+    if not named:
+        groups = [{**group, "params": [p for _, p in group["params"]]} for group in groups]
+    opt = NorMuon(groups, lr=4e-3)
+    for step in range(steps):
+        set_grads(model, step)
+        opt.step()
+    return model, opt
+
+
+def assert_same(a, b, where="state_dict"):
+    """Equal keys, types and values all the way down; tensors bit for bit."""
+    assert type(a) is type(b), where
+    if isinstance(a, dict):
+        assert list(a) == list(b), f"{where}: keys {list(a)} != {list(b)}"
+        for key in a:
+            assert_same(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and torch.equal(a, b), where
+    else:
+        assert a == b, where
+
+
+@pytest.mark.parametrize("named", [True, False], ids=["named", "unnamed"])
+def test_state_dict_is_identical_after_load_deepcopy_and_pickle(named):
+    model, opt = stepped_optimizer(named)
+    saved = copy.deepcopy(opt.state_dict())
+    assert ("param_names" in saved["param_groups"][0]) == named
+    round_trips = {
+        "deepcopy": lambda: copy.deepcopy(opt),
+        "pickle": lambda: pickle.loads(pickle.dumps(opt)),
+        "load_state_dict": lambda: (opt.load_state_dict(copy.deepcopy(saved)), opt)[1],
+        "load into a new optimizer": lambda: (
+            (fresh := stepped_optimizer(named, steps=0)[1]).load_state_dict(
+                copy.deepcopy(saved)), fresh)[1],
+    }
+    for how, round_trip in round_trips.items():
+        again = round_trip()
+        assert_same(saved, again.state_dict(), how)
+        assert_same(saved, copy.deepcopy(again).state_dict(), f"{how}, then deepcopy")
+
+
+@pytest.mark.parametrize("params", ["none", "list", "named"])
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(lr=torch.tensor([1e-3, 1e-3])), "Tensor lr must be 1-element"),
+    (dict(lr=-1.0), "lr must be >= 0"),
+    (dict(momentum=1.0), "momentum must be in"),
+    (dict(betas=(0.9, 1.0)), "betas must be"),
+    (dict(eps=0.0), "eps must be > 0"),
+    (dict(orthogonalizer="qr"), "unknown orthogonalizer 'qr'"),
+    (dict(layout="in_out_k"), "unknown layout 'in_out_k'"),
+])
+def test_bad_hyperparameter_is_named_at_construction_whatever_the_params(params, kwargs, message):
+    W = nn.Parameter(torch.randn(4, 4))
+    given = {"none": None, "list": [W], "named": [("block.fc.weight", W)]}[params]
+    with pytest.raises(ValueError, match=f"^NorMuon: {message}"):
+        NorMuon(given, **kwargs)
+
+
+def test_step_with_a_closure_returns_its_loss_and_steps_on_its_gradients():
+    x = torch.randint(0, 10, (4, 6), generator=torch.Generator().manual_seed(5))
+    calls = []
+
+    def run(with_closure):
+        model = small_model()
+        opt = NorMuon(param_groups(model, head=model[4]), lr=4e-3)
+
+        def closure():
+            calls.append(with_closure)
+            opt.zero_grad()
+            loss = model(x).square().mean()
+            loss.backward()
+            return loss
+
+        losses = [opt.step(closure) if with_closure else (closure(), opt.step())[0]
+                  for _ in range(3)]
+        return model, torch.stack(losses)
+
+    model, losses = run(with_closure=True)
+    reference, reference_losses = run(with_closure=False)
+    assert calls.count(True) == 3                 # once per step
+    torch.testing.assert_close(losses, reference_losses, rtol=0, atol=0)
+    for a, b in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_group_added_after_construction_steps_as_if_given_at_construction():
+    def run(added_later):
+        model = small_model()
+        matrices, *adamw = param_groups(model, head=model[4])
+        opt = NorMuon([matrices] + ([] if added_later else adamw), lr=4e-3)
+        for group in adamw if added_later else []:
+            opt.add_param_group(group)
+        for step in range(3):
+            set_grads(model, step)
+            opt.step()
+        return model, opt
+
+    model, opt = run(added_later=True)
+    reference, reference_opt = run(added_later=False)
+    for a, b in zip(model.parameters(), reference.parameters()):
+        assert torch.equal(a, b)
+    assert_same(reference_opt.state_dict(), opt.state_dict())
 
 
 # ----------------------------------------------------------------------------- zero-size matrices
