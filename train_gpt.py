@@ -119,15 +119,39 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "runs to --max-steps; continue with --resume)")
     parser.add_argument("--resume", type=Path, help="a checkpoint file, or an out dir")
     for field in dataclasses.fields(Config):   # every preset value can be overridden
-        parser.add_argument("--" + field.name.replace("_", "-"), type=field.type)
+        parser.add_argument(flag(field.name), type=field.type)
     return parser.parse_args(argv)
+
+
+def flag(field: str) -> str:
+    """The command-line flag of a Config field: n_head -> --n-head."""
+    return "--" + field.replace("_", "-")
 
 
 def resolve_config(args, device: torch.device) -> Config:
     preset = args.preset or ("gpt2" if device.type == "cuda" else "tiny")
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)
                  if getattr(args, f.name) is not None}
-    return dataclasses.replace(PRESETS[preset], **overrides)
+    cfg = dataclasses.replace(PRESETS[preset], **overrides)
+    check_model_shape(cfg)
+    return cfg
+
+
+def check_model_shape(cfg: Config) -> None:
+    """Raise a ValueError naming the flags of a model shape the GPT cannot have, before any
+    data is read (the first forward pass would fail with a reshape error)."""
+    for name in ("vocab_size", "n_layer", "n_head", "dim", "seq_len", "micro_batch"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"{flag(name)} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.dim % cfg.n_head:
+        divisors = [h for h in range(1, cfg.dim + 1) if cfg.dim % h == 0 and cfg.dim // h % 2 == 0]
+        raise ValueError(f"--dim {cfg.dim} is not divisible by --n-head {cfg.n_head}: each head "
+                         f"takes dim/n_head channels; for --dim {cfg.dim} choose --n-head "
+                         f"from {divisors}, or change --dim")
+    if cfg.dim // cfg.n_head % 2:
+        raise ValueError(f"--dim {cfg.dim} / --n-head {cfg.n_head} gives an odd head size "
+                         f"{cfg.dim // cfg.n_head}; rotary embeddings turn channels in pairs, so "
+                         f"it must be even: change --n-head or --dim")
 
 
 # ----------------------------------------------------------------------------- model

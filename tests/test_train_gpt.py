@@ -152,6 +152,20 @@ def test_stdlib_corpus_is_split_by_file_and_deterministic(corpus, tmp_path):
     assert all((again / p.name).read_bytes() == p.read_bytes() for p in val)
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--n-head", "5"], r"--dim 128 is not divisible by --n-head 5.*\[1, 2, 4, 8, 16, 32, 64\]"),
+    (["--n-head", "128"], r"--dim 128 / --n-head 128 gives an odd head size 1"),
+    (["--n-layer", "0"], r"--n-layer must be >= 1, got 0"),
+])
+def test_a_model_shape_the_gpt_cannot_have_is_named_before_any_data_is_read(tmp_path, flags,
+                                                                          message):
+    # the data folder does not exist: had the script read data first, that error would come
+    with pytest.raises(ValueError, match=message):
+        train_gpt.main(["--preset", "tiny", *flags, "--data-dir", str(tmp_path / "none"),
+                        "--out-dir", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+
+
 def test_tokens_per_step_must_divide_into_ranks_and_micro_batches(tmp_path, corpus):
     with pytest.raises(ValueError, match="--tokens-per-step 1000 is not a multiple"):
         train_gpt.main([*SMALL, "--tokens-per-step", "1000", "--data-dir", str(corpus),
