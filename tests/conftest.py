@@ -1,4 +1,4 @@
-"""Fixtures shared by the test modules."""
+"""Fixtures shared by the test modules, and the --heavy option."""
 from pathlib import Path
 
 import pytest
@@ -6,6 +6,20 @@ import pytest
 from cpu_torchvision import define_missing_ops
 
 define_missing_ops()   # before any test module imports transformers or timm
+
+
+def pytest_addoption(parser):
+    parser.addoption("--heavy", action="store_true",
+                     help="also run the tests marked heavy (minutes each on 2 CPU cores)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--heavy"):
+        return
+    skip = pytest.mark.skip(reason="heavy: minutes on a CPU; run with --heavy")
+    for item in items:
+        if "heavy" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
