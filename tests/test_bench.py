@@ -95,7 +95,8 @@ def test_neuron_norms_quick_writes_figure_and_table(tmp_path, corpus):
 
 def test_compare_optimizers_quick_reports_on_seeds_the_lr_choice_never_saw(tmp_path, corpus):
     import compare_optimizers
-    result = compare_optimizers.main(["--quick", "--out-dir", str(tmp_path),
+    # two runs at a time, one thread each: these tiny models gain nothing from a second thread
+    result = compare_optimizers.main(["--quick", "--jobs", "2", "--out-dir", str(tmp_path),
                                       "--data-dir", str(corpus)])
     quick = compare_optimizers.QUICK
     assert not set(result["report_seeds"]) & set(result["selection_seeds"])
@@ -156,7 +157,7 @@ def test_steps_to_reach_interpolates_between_evaluations():
 
 def test_scaling_quick_combines_each_sizes_own_results(tmp_path, corpus):
     import scaling
-    rows = scaling.main(["--quick", "--device", "cpu", "--out-dir", str(tmp_path),
+    rows = scaling.main(["--quick", "--jobs", "2", "--device", "cpu", "--out-dir", str(tmp_path),
                          "--data-dir", str(corpus)])
     assert [r["size"] for r in rows] == ["tiny", "small"]
     table = (tmp_path / "scaling.md").read_text()
