@@ -539,8 +539,7 @@ class NorMuon(torch.optim.Optimizer):
 def option_defaults() -> dict:
     """NorMuon's options and their defaults, as its constructor's signature states them."""
     signature = inspect.signature(NorMuon.__init__).parameters.values()
-    return {arg.name: arg.default for arg in signature if arg.kind is arg.KEYWORD_ONLY
-            or arg.name in ("lr", "weight_decay")}
+    return {arg.name: arg.default for arg in signature if arg.name not in ("self", "params")}
 
 
 def working_set(view: MatrixView) -> int:
@@ -577,14 +576,18 @@ def param_labels(group: dict) -> list[str]:
             for p, name in zip(group["params"], names)]
 
 
-def check_options(group: dict, where: str) -> None:
-    """Raise a ValueError, prefixed by `where`, that names the bad option of `group` (the
-    constructor's keywords, or a param group) and the fix."""
-
+def requirement(where: str):
+    """require(ok, message): raise ValueError(f"{where}: {message}") unless ok."""
     def require(ok: bool, message: str) -> None:
         if not ok:
             raise ValueError(f"{where}: {message}")
+    return require
 
+
+def check_options(group: dict, where: str) -> None:
+    """Raise a ValueError, prefixed by `where`, that names the bad option of `group` (the
+    constructor's keywords, or a param group) and the fix."""
+    require = requirement(where)
     algorithm = group["algorithm"]
     require(algorithm in ALGORITHMS, f"unknown algorithm {algorithm!r}; choose one of {ALGORITHMS}")
     require(group["orthogonalizer"] in ORTHOGONALIZERS,
@@ -616,11 +619,7 @@ def check_param_group(group: dict, index: int) -> None:
     the fix."""
     where = f"NorMuon param group {index}"
     check_options(group, where)
-
-    def require(ok: bool, message: str) -> None:
-        if not ok:
-            raise ValueError(f"{where}: {message}")
-
+    require = requirement(where)
     algorithm = group["algorithm"]
     for p, label in zip(group["params"], param_labels(group)):
         require(not p.is_complex(), f"{label} is complex ({p.dtype}); NorMuon supports "

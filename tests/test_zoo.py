@@ -202,9 +202,9 @@ TORCHVISION = {
     "swin_t": {"head.weight": "decay", "features.1.0.attn.qkv.weight": "rows"},
     "resnet18": {"fc.weight": "decay", "conv1.weight": "rows"},
 }
-# Stepped only with --heavy: on 2 CPU cores without bf16 matmul units one step of vgg11 (a
-# 4096 x 25088 hidden matrix) or of the 24-28M twins_svt_small, swin_t and convnext_tiny
-# takes minutes, where the rest of the zoo takes seconds. Their routing is checked always.
+# Stepped only with --heavy: on 2 CPU cores without bf16 matmul units one step of swin_t or
+# convnext_tiny took 43 s, of twins_svt_small minutes, and of vgg11 (a 4096 x 25088 hidden
+# matrix) over half an hour, where the rest of the zoo takes seconds. Routed always.
 HEAVY = ("twins_svt_small", "vgg11", "convnext_tiny", "swin_t")
 
 
