@@ -5,7 +5,8 @@ arXiv 2510.05491). One file that depends on nothing but torch: copy it into your
     from normuon import NorMuon, param_groups
     opt = NorMuon(param_groups(model), lr=4e-3, weight_decay=0.1)   # 2-4x AdamW's lr
 
-    python normuon.py            # 30-second CPU demo: Muon's unequal neuron updates vs NorMuon's
+    python normuon.py [--plot]   # 1-minute CPU demo: Muon's unequal neuron updates, NorMuon's
+                                 # equal ones, and whether the loss differs beyond seed noise
 
 For one hidden weight matrix W (m, n) with gradient G — m output neurons, n inputs each; a
 parameter is a batch of such matrices (`layout`, `blocks`: a conv kernel (out, in, k) is one
@@ -929,57 +930,160 @@ def describe_param_groups(groups: list[dict]) -> str:
 
 
 # ----------------------------------------------------------------------------- demo
+# python normuon.py: both halves of the paper's claim on a problem small enough for a class's
+# laptops. The larger comparison (a GPT, 5 held-out seeds) is bench/compare_optimizers.py.
 
-def _row_norm_spread(update: Tensor) -> tuple[float, float]:
-    """Coefficient of variation and max/min of the row norms of a weight update."""
-    norms = update.norm(dim=1)
-    return (norms.std() / norms.mean()).item(), (norms.max() / norms.min()).item()
+# Each optimizer's lr: the best of DEMO_LR_SWEEP on seed 0, which is never reported
+# (`python normuon.py --sweep` chooses again). Measured on 2 CPU cores, 300 steps, 2026-12-02.
+DEMO_LR_SWEEP = (5e-3, 1e-2, 2e-2, 4e-2)
+DEMO_LRS = {"muon": 2e-2, "normuon": 2e-2}
+DEMO_NAMES = {"muon": "Muon", "normuon": "NorMuon"}
+# two-sided 95% quantiles of Student's t by degrees of freedom; beyond 10, 10's (conservative)
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
+         9: 2.262, 10: 2.228}
 
 
-def demo(steps: int = 300, seed: int = 0) -> None:
-    """Train one small MLP twice, with Muon and with NorMuon, and show the paper's observation:
-    Muon's orthogonalized updates give some neurons far larger steps than others."""
-    torch.manual_seed(seed)
-    n_in, n_hidden, n_classes, n_samples = 32, 256, 10, 32768
-    feature_scale = torch.logspace(-1.5, 0.5, n_in)    # unequal inputs -> unequal neurons
-    X = torch.randn(n_samples, n_in) * feature_scale
+def t_interval(values: list[float]) -> tuple[float, float, float]:
+    """Mean of `values` and its 95% Student's t interval (low, high)."""
+    n, mean = len(values), sum(values) / len(values)
+    if n < 2:
+        return mean, -math.inf, math.inf
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = T_975[min(n - 1, 10)] * std / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def demo_task(n_in: int = 32, n_classes: int = 10, n_samples: int = 32768):
+    """A fixed classification task (the same for every seed): labels from a random teacher MLP,
+    inputs at scales from 0.03 to 3, so that the first layer's neurons see unequal gradients."""
+    generator = torch.Generator().manual_seed(1000)
+    feature_scale = torch.logspace(-1.5, 0.5, n_in)
+    X = torch.randn(n_samples, n_in, generator=generator) * feature_scale   # (N, n_in)
     teacher = nn.Sequential(nn.Linear(n_in, 64), nn.Tanh(), nn.Linear(64, n_classes))
+    for w in teacher.parameters():
+        nn.init.normal_(w, std=w.shape[-1] ** -0.5, generator=generator)
     with torch.no_grad():
-        y = teacher(X / feature_scale).argmax(dim=1)
-    X_val, y_val, X, y = X[:1024], y[:1024], X[1024:], y[1024:]
-    init = nn.Sequential(nn.Linear(n_in, n_hidden), nn.ReLU(), nn.Linear(n_hidden, n_hidden),
-                         nn.ReLU(), nn.Linear(n_hidden, n_classes))
+        y = teacher(X / feature_scale).argmax(dim=1)                         # (N,)
+    return X[1024:], y[1024:], X[:1024], y[:1024]                           # train, val
 
-    print(f"{n_in}->{n_hidden}->{n_hidden}->{n_classes} MLP, {steps} steps, batch 256, "
-          f"lr 1e-2 (AdamW scale), first-layer update row norms averaged over steps")
-    results = {}
-    for algorithm in ("muon", "normuon"):
-        torch.manual_seed(seed + 1)
-        model = copy.deepcopy(init)
-        opt = NorMuon(param_groups(model, head=model[4], algorithm=algorithm), lr=1e-2,
-                      weight_decay=0.01)
-        first_layer = model[0].weight                 # (256, 32): a tall matrix
-        cv_sum = ratio_sum = 0.0
-        for _ in range(steps):
-            batch = torch.randint(0, len(X), (256,))
-            loss = nn.functional.cross_entropy(model(X[batch]), y[batch])
-            opt.zero_grad()
-            loss.backward()
-            before = first_layer.detach().clone()
-            opt.step()
-            cv, ratio = _row_norm_spread(first_layer.detach() - before)
-            cv_sum, ratio_sum = cv_sum + cv, ratio_sum + ratio
-        with torch.no_grad():
-            val_loss = nn.functional.cross_entropy(model(X_val), y_val).item()
-        results[algorithm] = (cv_sum / steps, ratio_sum / steps, loss.item(), val_loss)
 
-    print(f"{'':28s}{'Muon':>10s}{'NorMuon':>10s}")
-    labels = ("row-norm coeff. of variation", "row-norm max/min", "final train loss",
-              "val loss")
-    for i, label in enumerate(labels):
-        print(f"{label:28s}{results['muon'][i]:10.3f}{results['normuon'][i]:10.3f}")
-    print("Muon gives every singular direction the same step, not every neuron: rows of a tall\n"
-          "matrix's update differ several-fold. NorMuon divides each row by its running RMS.")
+def demo_model(seed: int, n_in: int = 32, hidden: int = 128, n_classes: int = 10) -> nn.Module:
+    # hidden 128, not 256: a bf16 256x256 matmul is ~100x slower than float32 on a CPU
+    # without bf16 units, so 128 keeps the demo within a minute on any laptop
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                         nn.Linear(hidden, n_classes))
+
+
+def demo_run(algorithm: str, lr: float, seed: int, steps: int, task) -> dict:
+    """Train one model; the first layer's update row norms at every step, (steps, hidden)."""
+    X, y, X_val, y_val = task
+    model = demo_model(seed)
+    opt = NorMuon(param_groups(model, head=model[4], algorithm=algorithm), lr=lr,
+                  weight_decay=0.01)
+    first_layer = model[0].weight                     # (hidden, n_in): a tall matrix
+    batches = torch.Generator().manual_seed(seed)
+    row_norms = []
+    for _ in range(steps):
+        batch = torch.randint(0, len(X), (256,), generator=batches)
+        loss = nn.functional.cross_entropy(model(X[batch]), y[batch])
+        opt.zero_grad()
+        loss.backward()
+        before = first_layer.detach().clone()
+        opt.step()
+        row_norms.append((first_layer.detach() - before).norm(dim=1))
+    with torch.no_grad():
+        val_loss = nn.functional.cross_entropy(model(X_val), y_val).item()
+    return {"val_loss": val_loss, "row_norms": torch.stack(row_norms)}
+
+
+def row_norm_spread(row_norms: Tensor) -> tuple[float, float]:
+    """Coefficient of variation and max/min of each step's row norms, averaged over steps."""
+    cv = row_norms.std(dim=1) / row_norms.mean(dim=1)                         # (steps,)
+    ratio = row_norms.amax(dim=1) / row_norms.amin(dim=1)                     # (steps,)
+    return cv.mean().item(), ratio.mean().item()
+
+
+def choose_demo_lrs(steps: int, task) -> dict[str, float]:
+    lrs = {}
+    for algorithm in DEMO_LRS:
+        losses = {lr: demo_run(algorithm, lr, 0, steps, task)["val_loss"] for lr in DEMO_LR_SWEEP}
+        print(f"seed 0, {algorithm} val loss by lr: "
+              + ", ".join(f"{lr:g}: {loss:.4f}" for lr, loss in losses.items()))
+        lrs[algorithm] = min(losses, key=losses.get)
+    return lrs
+
+
+def plot_row_norms(runs: dict[str, dict], path: str) -> None:
+    """The paper's Figure 1: the last step's per-neuron update norms, sorted, of both."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("--plot needs matplotlib: pip install matplotlib")
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for name, run in runs.items():
+        norms = run["row_norms"][-1]
+        ax.plot(norms.sort(descending=True).values / norms.mean(), label=DEMO_NAMES[name])
+    ax.set(xlabel="neuron of the first layer (sorted)", ylabel="update row norm / mean",
+           title="Per-neuron update norms at the last step (first seed)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def demo(argv=None) -> None:
+    import argparse
+    parser = argparse.ArgumentParser(description="Muon's unequal neuron updates, NorMuon's "
+                                     "equal ones, and whether that changes the loss here.")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3],
+                        help="reported seeds (seed 0 chooses the lrs)")
+    parser.add_argument("--sweep", action="store_true", help="choose the lrs again on seed 0")
+    parser.add_argument("--plot", metavar="PNG", nargs="?", const="neuron_norms_demo.png",
+                        help="draw the per-neuron update norms (needs matplotlib)")
+    args = parser.parse_args(argv)
+    if 0 in args.seeds:
+        parser.error("seed 0 chooses the learning rates: report other seeds")
+    task = demo_task()
+    lrs = choose_demo_lrs(args.steps, task) if args.sweep else DEMO_LRS
+    print(f"32->128->128->10 MLP, {args.steps} steps of batch 256; lr (AdamW scale, chosen on "
+          f"seed 0) Muon {lrs['muon']:g}, NorMuon {lrs['normuon']:g}; seeds {args.seeds}")
+    runs = {name: [demo_run(name, lrs[name], seed, args.steps, task) for seed in args.seeds]
+            for name in DEMO_NAMES}
+
+    print(f"{'mean over seeds [min, max]':33s}" + "".join(f"{DEMO_NAMES[n]:>26s}" for n in runs))
+    rows = {"first-layer update rows: CV": lambda run: row_norm_spread(run["row_norms"])[0],
+            "first-layer update rows: max/min": lambda run: row_norm_spread(run["row_norms"])[1],
+            "val loss": lambda run: run["val_loss"]}
+    for label, value in rows.items():
+        cells = []
+        for name in runs:
+            values = [value(run) for run in runs[name]]
+            cells.append(f"{sum(values) / len(values):.4f} [{min(values):.4f}, {max(values):.4f}]")
+        print(f"{label:33s}{cells[0]:>26s}{cells[1]:>26s}")
+
+    differences = [n["val_loss"] - m["val_loss"] for m, n in zip(runs["muon"], runs["normuon"])]
+    mean, low, high = t_interval(differences)
+    print(f"NorMuon - Muon val loss, paired by seed: "
+          + ", ".join(f"{d:+.4f}" for d in differences)
+          + f"; mean {mean:+.4f}, 95% interval [{low:+.4f}, {high:+.4f}]")
+    print("1. Muon gives every singular direction the same step, not every neuron: the rows of a\n"
+          "   tall matrix's update differ several-fold. NorMuon divides each row by its RMS.")
+    if high < 0:
+        verdict = "NorMuon's val loss is lower, told apart from seed noise"
+    elif low > 0:
+        verdict = "NorMuon's val loss is HIGHER here, told apart from seed noise"
+    else:
+        verdict = ("the val losses are NOT told apart from seed noise (the interval holds 0):\n"
+                   "   this problem does not show that evening out the rows trains better")
+    print(f"2. {verdict}.\n   The GPT comparison on held-out seeds: bench/compare_optimizers.py "
+          "(bench/RESULTS.md).")
+    if args.plot:
+        plot_row_norms({name: runs[name][0] for name in runs}, args.plot)
 
 
 if __name__ == "__main__":

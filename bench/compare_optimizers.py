@@ -35,6 +35,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from normuon import T_975  # noqa: E402
+
 OPTIMIZERS = ("normuon", "muon", "adamw")
 STEPS = ["--max-steps", "300", "--val-every", "20", "--val-tokens", "65536"]
 # model sizes: the tiny preset (0.85M parameters) up to the GPT-2 124M body (85M, byte-level)
@@ -50,9 +52,6 @@ QUICK = dict(args=["--n-layer", "1", "--dim", "32", "--n-head", "2", "--seq-len"
                    "--micro-batch", "8", "--tokens-per-step", "256", "--val-tokens", "4096",
                    "--max-steps", "30", "--val-every", "5"],
              lrs=[4e-3, 1.6e-2], selection_seeds=[0], report_seeds=[1, 2])
-# two-sided 95% quantiles of Student's t by degrees of freedom; beyond 10, 10's (conservative)
-T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
-         9: 2.262, 10: 2.228}
 
 
 # ----------------------------------------------------------------------------- runs

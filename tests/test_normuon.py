@@ -3,6 +3,8 @@ normuon.py's docstring, torch.optim.Muon and torch.optim.AdamW as peers, exact S
 invariants."""
 import io
 import math
+import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+import normuon
 from normuon import (NEWTON_SCHULZ_COEFFICIENTS, POLAR_EXPRESS_COEFFICIENTS, NorMuon,
                      orthogonalize, param_groups, svd_polar)
 
@@ -527,10 +530,80 @@ def test_lr_scheduler_drives_the_step_size():
         assert abs(rms - 0.2 * 0.04 * 0.5 ** step) < 1e-12
 
 
-def test_demo_shows_muons_unequal_neurons_and_normuons_equal_ones():
-    result = subprocess.run([sys.executable, str(ROOT / "normuon.py")], capture_output=True,
-                            text=True, timeout=600, check=True)   # 3 min without bf16 matmul units
-    rows = {line[:28].strip(): line[28:].split() for line in result.stdout.splitlines()}
-    muon_cv, normuon_cv = map(float, rows["row-norm coeff. of variation"])
-    assert normuon_cv < 0.6 * muon_cv
-    assert all(math.isfinite(float(x)) for x in rows["val loss"])
+def demo_statistics_by_hand(algorithm, seed, steps, task):
+    """The demo's run retraced: its task, model, batches and optimizer, but the statistics
+    computed here in float64 with the statistics module, one step at a time."""
+    X, y, X_val, y_val = task
+    model = normuon.demo_model(seed)
+    opt = NorMuon(param_groups(model, head=model[4], algorithm=algorithm),
+                  lr=normuon.DEMO_LRS[algorithm], weight_decay=0.01)
+    batches = torch.Generator().manual_seed(seed)
+    cvs, ratios = [], []
+    for _ in range(steps):
+        batch = torch.randint(0, len(X), (256,), generator=batches)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(X[batch]), y[batch]).backward()
+        before = model[0].weight.detach().double().clone()
+        opt.step()
+        delta = model[0].weight.detach().double() - before
+        norms = [math.sqrt(sum(x * x for x in row)) for row in delta.tolist()]
+        cvs.append(statistics.stdev(norms) / statistics.mean(norms))
+        ratios.append(max(norms) / min(norms))
+    with torch.no_grad():
+        logits = model(X_val).double()
+        val = (logits.logsumexp(dim=1) - logits.gather(1, y_val[:, None])[:, 0]).mean().item()
+    return statistics.mean(cvs), statistics.mean(ratios), val
+
+
+def test_demo_prints_the_statistics_of_its_own_runs_and_an_honest_verdict():
+    steps, seeds = 12, [1, 2]
+    result = subprocess.run([sys.executable, str(ROOT / "normuon.py"), "--steps", str(steps),
+                             "--seeds", *map(str, seeds)], capture_output=True, text=True,
+                            timeout=300, check=True)
+    printed = {line[:33].strip(): [float(x) for x in re.findall(r"-?[\d.]+", line[33:])]
+               for line in result.stdout.splitlines() if "[" in line[33:]}
+    task = normuon.demo_task()
+    by_hand = {name: [demo_statistics_by_hand(name, seed, steps, task) for seed in seeds]
+               for name in ("muon", "normuon")}
+    rows = {"first-layer update rows: CV": 0, "first-layer update rows: max/min": 1,
+            "val loss": 2}
+    for label, index in rows.items():
+        expected = []
+        for name in ("muon", "normuon"):
+            values = [run[index] for run in by_hand[name]]
+            expected += [statistics.mean(values), min(values), max(values)]
+        assert printed[label] == pytest.approx(expected, abs=2e-4), label   # 4 decimals
+    # the paper's observation, already at a dozen steps
+    cv = printed["first-layer update rows: CV"]          # Muon mean, min, max, NorMuon's
+    assert cv[3] < 0.6 * cv[0]
+
+    differences = [n[2] - m[2] for m, n in zip(by_hand["muon"], by_hand["normuon"])]
+    # Student's t with one degree of freedom is the Cauchy distribution: tan(0.475 pi)
+    half = math.tan(0.475 * math.pi) * statistics.stdev(differences) / math.sqrt(2)
+    mean = statistics.mean(differences)
+    line = next(l for l in result.stdout.splitlines() if l.startswith("NorMuon - Muon"))
+    numbers = [float(x) for x in re.findall(r"[-+]\d+\.\d+", line)]
+    assert numbers == pytest.approx([*differences, mean, mean - half, mean + half], abs=2e-4)
+    told_apart = mean + half < 0 or mean - half > 0
+    assert ("NOT told apart" in result.stdout) == (not told_apart)
+
+
+def test_demo_plot_draws_both_optimizers_or_says_how_to_install_matplotlib(tmp_path):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "norms.png"
+    flags = ["--steps", "2", "--seeds", "1", "--plot", str(png)]
+    call_demo = "import sys, normuon; normuon.demo(sys.argv[1:])"
+    subprocess.run([sys.executable, "-c", call_demo, *flags], timeout=300, check=True,
+                   capture_output=True)
+    assert png.stat().st_size > 10_000
+    png.unlink()
+    without_matplotlib = "import sys; sys.modules['matplotlib'] = None; " + call_demo
+    result = subprocess.run([sys.executable, "-c", without_matplotlib, *flags], timeout=300,
+                            check=True, capture_output=True, text=True)
+    assert "pip install matplotlib" in result.stdout and not png.exists()
+
+
+def test_demo_refuses_to_report_the_seed_that_chose_the_lrs():
+    with pytest.raises(SystemExit):
+        normuon.demo(["--seeds", "0", "1"])
+
