@@ -66,11 +66,11 @@ Same-shape matrices are orthogonalized as one batch: on a GPU the whole bucket (
 launches); on a CPU a batch no bigger than the step's largest matrix, so that a step's extra
 memory is about 7 bytes per element of that one matrix (torch.optim.Muon's: about 9).
 """
-import copy
 import fnmatch
 import inspect
 import math
 import re
+import statistics
 import warnings
 from typing import NamedTuple
 
@@ -938,6 +938,9 @@ def describe_param_groups(groups: list[dict]) -> str:
 DEMO_LR_SWEEP = (5e-3, 1e-2, 2e-2, 4e-2)
 DEMO_LRS = {"muon": 2e-2, "normuon": 2e-2}
 DEMO_NAMES = {"muon": "Muon", "normuon": "NorMuon"}
+# the MLP: inputs -> hidden -> hidden -> classes. Hidden 128, not 256: a bf16 256x256 matmul
+# is ~100x slower than float32 on a CPU without bf16 units; 128 keeps the demo within a minute
+DEMO_INPUTS, DEMO_HIDDEN, DEMO_CLASSES = 32, 128, 10
 # two-sided 95% quantiles of Student's t by degrees of freedom; beyond 10, 10's (conservative)
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306,
          9: 2.262, 10: 2.228}
@@ -945,21 +948,20 @@ T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
 
 def t_interval(values: list[float]) -> tuple[float, float, float]:
     """Mean of `values` and its 95% Student's t interval (low, high)."""
-    n, mean = len(values), sum(values) / len(values)
+    n, mean = len(values), statistics.mean(values)
     if n < 2:
         return mean, -math.inf, math.inf
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    half = T_975[min(n - 1, 10)] * std / math.sqrt(n)
+    half = T_975[min(n - 1, 10)] * statistics.stdev(values) / math.sqrt(n)
     return mean, mean - half, mean + half
 
 
-def demo_task(n_in: int = 32, n_classes: int = 10, n_samples: int = 32768):
+def demo_task(n_samples: int = 32768):
     """A fixed classification task (the same for every seed): labels from a random teacher MLP,
     inputs at scales from 0.03 to 3, so that the first layer's neurons see unequal gradients."""
     generator = torch.Generator().manual_seed(1000)
-    feature_scale = torch.logspace(-1.5, 0.5, n_in)
-    X = torch.randn(n_samples, n_in, generator=generator) * feature_scale   # (N, n_in)
-    teacher = nn.Sequential(nn.Linear(n_in, 64), nn.Tanh(), nn.Linear(64, n_classes))
+    feature_scale = torch.logspace(-1.5, 0.5, DEMO_INPUTS)
+    X = torch.randn(n_samples, DEMO_INPUTS, generator=generator) * feature_scale   # (N, in)
+    teacher = nn.Sequential(nn.Linear(DEMO_INPUTS, 64), nn.Tanh(), nn.Linear(64, DEMO_CLASSES))
     for w in teacher.parameters():
         nn.init.normal_(w, std=w.shape[-1] ** -0.5, generator=generator)
     with torch.no_grad():
@@ -967,12 +969,11 @@ def demo_task(n_in: int = 32, n_classes: int = 10, n_samples: int = 32768):
     return X[1024:], y[1024:], X[:1024], y[:1024]                           # train, val
 
 
-def demo_model(seed: int, n_in: int = 32, hidden: int = 128, n_classes: int = 10) -> nn.Module:
-    # hidden 128, not 256: a bf16 256x256 matmul is ~100x slower than float32 on a CPU
-    # without bf16 units, so 128 keeps the demo within a minute on any laptop
+def demo_model(seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                         nn.Linear(hidden, n_classes))
+    return nn.Sequential(nn.Linear(DEMO_INPUTS, DEMO_HIDDEN), nn.ReLU(),
+                         nn.Linear(DEMO_HIDDEN, DEMO_HIDDEN), nn.ReLU(),
+                         nn.Linear(DEMO_HIDDEN, DEMO_CLASSES))
 
 
 def demo_run(algorithm: str, lr: float, seed: int, steps: int, task) -> dict:
@@ -1014,6 +1015,16 @@ def choose_demo_lrs(steps: int, task) -> dict[str, float]:
     return lrs
 
 
+def demo_verdict(low: float, high: float) -> str:
+    """What the 95% interval (low, high) of NorMuon's minus Muon's val loss says."""
+    if high < 0:
+        return "NorMuon's val loss is lower, told apart from seed noise"
+    if low > 0:
+        return "NorMuon's val loss is HIGHER here, told apart from seed noise"
+    return ("the val losses are NOT told apart from seed noise (the interval holds 0):\n"
+            "   this problem does not show that evening out the rows trains better")
+
+
 def plot_row_norms(runs: dict[str, dict], path: str) -> None:
     """The paper's Figure 1: the last step's per-neuron update norms, sorted, of both."""
     try:
@@ -1050,21 +1061,23 @@ def demo(argv=None) -> None:
         parser.error("seed 0 chooses the learning rates: report other seeds")
     task = demo_task()
     lrs = choose_demo_lrs(args.steps, task) if args.sweep else DEMO_LRS
-    print(f"32->128->128->10 MLP, {args.steps} steps of batch 256; lr (AdamW scale, chosen on "
-          f"seed 0) Muon {lrs['muon']:g}, NorMuon {lrs['normuon']:g}; seeds {args.seeds}")
+    print(f"{DEMO_INPUTS}->{DEMO_HIDDEN}->{DEMO_HIDDEN}->{DEMO_CLASSES} MLP, {args.steps} steps "
+          f"of batch 256; lr (AdamW scale, chosen on seed 0) Muon {lrs['muon']:g}, "
+          f"NorMuon {lrs['normuon']:g}; seeds {args.seeds}")
     runs = {name: [demo_run(name, lrs[name], seed, args.steps, task) for seed in args.seeds]
             for name in DEMO_NAMES}
 
+    # per run: (row-norm CV, row-norm max/min, val loss)
+    stats = {name: [(*row_norm_spread(run["row_norms"]), run["val_loss"]) for run in runs[name]]
+             for name in runs}
     print(f"{'mean over seeds [min, max]':33s}" + "".join(f"{DEMO_NAMES[n]:>26s}" for n in runs))
-    rows = {"first-layer update rows: CV": lambda run: row_norm_spread(run["row_norms"])[0],
-            "first-layer update rows: max/min": lambda run: row_norm_spread(run["row_norms"])[1],
-            "val loss": lambda run: run["val_loss"]}
-    for label, value in rows.items():
+    labels = ("first-layer update rows: CV", "first-layer update rows: max/min", "val loss")
+    for index, label in enumerate(labels):
         cells = []
         for name in runs:
-            values = [value(run) for run in runs[name]]
-            cells.append(f"{sum(values) / len(values):.4f} [{min(values):.4f}, {max(values):.4f}]")
-        print(f"{label:33s}{cells[0]:>26s}{cells[1]:>26s}")
+            values = [run_stats[index] for run_stats in stats[name]]
+            cells.append(f"{statistics.mean(values):.4f} [{min(values):.4f}, {max(values):.4f}]")
+        print(f"{label:33s}" + "".join(f"{cell:>26s}" for cell in cells))
 
     differences = [n["val_loss"] - m["val_loss"] for m, n in zip(runs["muon"], runs["normuon"])]
     mean, low, high = t_interval(differences)
@@ -1073,15 +1086,8 @@ def demo(argv=None) -> None:
           + f"; mean {mean:+.4f}, 95% interval [{low:+.4f}, {high:+.4f}]")
     print("1. Muon gives every singular direction the same step, not every neuron: the rows of a\n"
           "   tall matrix's update differ several-fold. NorMuon divides each row by its RMS.")
-    if high < 0:
-        verdict = "NorMuon's val loss is lower, told apart from seed noise"
-    elif low > 0:
-        verdict = "NorMuon's val loss is HIGHER here, told apart from seed noise"
-    else:
-        verdict = ("the val losses are NOT told apart from seed noise (the interval holds 0):\n"
-                   "   this problem does not show that evening out the rows trains better")
-    print(f"2. {verdict}.\n   The GPT comparison on held-out seeds: bench/compare_optimizers.py "
-          "(bench/RESULTS.md).")
+    print(f"2. {demo_verdict(low, high)}.\n   The GPT comparison on held-out seeds: "
+          "bench/compare_optimizers.py (bench/RESULTS.md).")
     if args.plot:
         plot_row_norms({name: runs[name][0] for name in runs}, args.plot)
 

@@ -24,7 +24,6 @@ Writes compare_optimizers.{md,png,json} to --out-dir. Finished runs are kept und
 """
 import argparse
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -35,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from normuon import T_975  # noqa: E402
+from normuon import t_interval  # noqa: E402
 
 OPTIMIZERS = ("normuon", "muon", "adamw")
 STEPS = ["--max-steps", "300", "--val-every", "20", "--val-tokens", "65536"]
@@ -119,11 +118,9 @@ def steps_to_reach(evals: list[tuple[int, float]], target: float) -> float | Non
 
 def describe(values: list[float]) -> dict:
     """Mean, standard deviation, 95% t-interval of the mean, and min-max of `values`."""
-    mean = statistics.mean(values)
+    mean, low, high = t_interval(values)
     std = statistics.stdev(values) if len(values) > 1 else 0.0
-    half = T_975[min(len(values) - 1, 10)] * std / math.sqrt(len(values)) if len(values) > 1 \
-        else math.inf
-    return {"mean": mean, "std": std, "ci95": [mean - half, mean + half],
+    return {"mean": mean, "std": std, "ci95": [low, high],
             "min": min(values), "max": max(values), "values": values}
 
 

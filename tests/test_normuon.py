@@ -588,6 +588,13 @@ def test_demo_prints_the_statistics_of_its_own_runs_and_an_honest_verdict():
     assert ("NOT told apart" in result.stdout) == (not told_apart)
 
 
+def test_demo_verdict_follows_the_sign_of_the_interval():
+    assert "lower, told apart" in normuon.demo_verdict(-0.05, -0.01)
+    assert "HIGHER here, told apart" in normuon.demo_verdict(0.01, 0.05)
+    for low, high in [(-0.05, 0.01), (-0.01, 0.05), (0.0, 0.02)]:
+        assert "NOT told apart" in normuon.demo_verdict(low, high)
+
+
 def test_demo_plot_draws_both_optimizers_or_says_how_to_install_matplotlib(tmp_path):
     pytest.importorskip("matplotlib")
     png = tmp_path / "norms.png"
