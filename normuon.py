@@ -57,6 +57,13 @@ Options (each a keyword of NorMuon and overridable per param group):
     blocks        the neurons split into this many equal blocks, each its own matrix (1): a
                   grouped conv's groups. A depthwise conv would be C one-neuron matrices:
                   param_groups gives those to AdamW.
+    split_sizes   neurons per block, summing to the neuron count, each block its own matrix
+                  (None: one block): a fused projection, e.g. [D, D, D] for a (3D, D) qkv, so
+                  that q, k and v are orthogonalized apart. A matrix group option;
+                  param_groups(model, split_sizes={pattern: sizes}) sets it by name.
+    cautious_weight_decay  decay only the coordinates that the update also moves toward zero:
+                  W <- W - lr*wd*(W * mask) + update, mask = [update * W <= 0] (False). In
+                  adamw groups too, with AdamW's update.
 
 State (momentum_buffer, second_moment, exp_avg, exp_avg_sq) is float32 for bf16/fp16/fp32
 parameters, float64 for float64 ones, and stays so through state_dict()/load_state_dict().
@@ -282,18 +289,31 @@ def row_steps(row_scale: Tensor, sq_norms: Tensor, m: int, n: int, *, lr: float 
 
 
 def apply_update(param: Tensor, O: Tensor, row_step: Tensor, view: "MatrixView", *,
-                 lr: float | Tensor, weight_decay: float) -> None:
+                 lr: float | Tensor, weight_decay: float, cautious: bool = False) -> None:
     """Step 7 on one parameter, the batch of matrices `view` describes: W <- W - lr*wd*W +
-    row_step_i * O_i for every neuron i, with O (k, m, n) and row_step (k, m) (row_steps')."""
+    row_step_i * O_i for every neuron i, with O (k, m, n) and row_step (k, m) (row_steps').
+    With `cautious`, only where that update moves W toward zero too is W decayed."""
+    W = param.view(view.split_shape)
+    if cautious:   # the update is needed before W changes: one param-sized temporary
+        update = from_matrices(O, view) * view.neuron_values(row_step)
+        decay_where(W, update, lr * weight_decay)
+        W.add_(update)
+        return
     param.mul_(1 - lr * weight_decay)
-    param.view(view.split_shape).addcmul_(from_matrices(O, view),   # one pass, reading O as is
-                                          view.neuron_values(row_step))
+    W.addcmul_(from_matrices(O, view), view.neuron_values(row_step))   # one pass, O as is
+
+
+def decay_where(W: Tensor, update: Tensor, decay: float | Tensor) -> None:
+    """Cautious weight decay: W <- W - decay*W where update and W have opposite signs (or either
+    is 0), i.e. where W + update is a step toward zero; W elsewhere untouched."""
+    W.sub_(torch.where(update * W <= 0, W, 0).mul_(decay))
 
 
 def adamw_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: int,
                  *, lr: float | Tensor, betas: tuple[float, float], eps: float,
-                 weight_decay: float) -> None:
-    """One AdamW step in place (the math of torch.optim.AdamW); step counts from 1."""
+                 weight_decay: float, cautious: bool = False) -> None:
+    """One AdamW step in place (the math of torch.optim.AdamW); step counts from 1. With
+    `cautious`, decay only where the step moves W toward zero too (decay_where)."""
     beta1, beta2 = betas
     grad = grad.to(exp_avg.dtype)
     exp_avg.lerp_(grad, 1 - beta1)
@@ -301,8 +321,12 @@ def adamw_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tenso
     bias_correction1 = 1 - beta1 ** step
     bias_correction2 = 1 - beta2 ** step
     denominator = (exp_avg_sq.sqrt() / math.sqrt(bias_correction2)).add_(eps)
-    param.mul_(1 - lr * weight_decay)
-    param.sub_((exp_avg / denominator).mul_(lr / bias_correction1))
+    step_taken = (exp_avg / denominator).mul_(lr / bias_correction1)   # W <- W - step_taken
+    if cautious:
+        decay_where(param, step_taken.neg(), lr * weight_decay)
+    else:
+        param.mul_(1 - lr * weight_decay)
+    param.sub_(step_taken)
 
 
 LAYOUTS = ("out_in", "in_out", "experts_out_in", "experts_in_out")
@@ -332,10 +356,7 @@ def matrix_view(shape, layout: str = "out_in", blocks: int = 1) -> MatrixView:
     ("experts_out_in" (E, out, in), "experts_in_out" (E, in, out)); every other dim holds
     inputs. The neurons split into `blocks` equal blocks (a grouped conv's groups). Each
     expert's each block is one matrix: (E*blocks, out/blocks, prod(input dims))."""
-    if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
-    experts = int(layout.startswith("experts_"))
-    neuron_dim = experts + int(layout.endswith("in_out"))
+    experts, neuron_dim = int(layout.startswith("experts_")), neuron_axis(layout)
     if len(shape) < experts + 2:
         raise ValueError(f"layout {layout!r} needs at least {experts + 2} dims, got a "
                          f"parameter of shape {tuple(shape)}")
@@ -351,8 +372,38 @@ def matrix_view(shape, layout: str = "out_in", blocks: int = 1) -> MatrixView:
                       moment_dims=(*range(experts), neuron_dim))
 
 
+def neuron_axis(layout: str) -> int:
+    """The dim of a parameter stored in `layout` that holds its output neurons."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
+    return int(layout.startswith("experts_")) + int(layout.endswith("in_out"))
+
+
 def group_view(group: dict, shape) -> MatrixView:
     return matrix_view(shape, group["layout"], group["blocks"])
+
+
+def neuron_blocks(group: dict, shape) -> tuple[int, ...]:
+    """Neurons of each block along a parameter's neuron dim, each block its own matrix:
+    `split_sizes`, or `blocks` equal blocks."""
+    if group["split_sizes"] is not None:
+        return tuple(group["split_sizes"])
+    neurons = shape[neuron_axis(group["layout"])]
+    return (neurons // group["blocks"],) * group["blocks"]
+
+
+def split_blocks(group: dict, param: Tensor, grad: Tensor,
+                 state: dict) -> list[tuple[Tensor, Tensor, dict]]:
+    """A parameter whose group has `split_sizes` as one (param, grad, state) triple per block,
+    views into the parameter and its state (so stepping each block steps the parameter); any
+    other as itself. (Equal `blocks` need no split: matrix_view batches them.)"""
+    if group["split_sizes"] is None:
+        return [(param, grad, state)]
+    sizes, dim = list(group["split_sizes"]), neuron_axis(group["layout"])
+    moment_dim = int(group["layout"].startswith("experts_"))   # v is (out,) or (E, out)
+    return [(p, g, {"momentum_buffer": m, "second_moment": v}) for p, g, m, v in zip(
+        param.split(sizes, dim), grad.split(sizes, dim),
+        state["momentum_buffer"].split(sizes, dim), state["second_moment"].split(sizes, moment_dim))]
 
 
 def to_matrices(X: Tensor, view: MatrixView) -> Tensor:
@@ -395,11 +446,13 @@ class NorMuon(torch.optim.Optimizer):
                  eps: float = 1e-8, nesterov: bool = True, ns_steps: int = 5,
                  orthogonalizer: str = "newton_schulz", adjust_lr: str = "match_rms_adamw",
                  betas: tuple[float, float] = (0.9, 0.95), layout: str = "out_in",
-                 blocks: int = 1):
+                 blocks: int = 1, split_sizes: list[int] | None = None,
+                 cautious_weight_decay: bool = False):
         defaults = dict(lr=lr, weight_decay=weight_decay, algorithm=algorithm,
                         momentum=momentum, beta2=beta2, eps=eps, nesterov=nesterov,
                         ns_steps=ns_steps, orthogonalizer=orthogonalizer, adjust_lr=adjust_lr,
-                        betas=betas, layout=layout, blocks=blocks)
+                        betas=betas, layout=layout, blocks=blocks, split_sizes=split_sizes,
+                        cautious_weight_decay=cautious_weight_decay)
         # torch.optim's habit: a bad keyword is named whatever `params` is; each group is
         # checked again as it is added
         check_options(defaults, "NorMuon")
@@ -459,12 +512,14 @@ class NorMuon(torch.optim.Optimizer):
             state["step"] += 1
             adamw_update(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
                          lr=learning_rate(group), betas=group["betas"], eps=group["eps"],
-                         weight_decay=group["weight_decay"])
+                         weight_decay=group["weight_decay"],
+                         cautious=group["cautious_weight_decay"])
 
     def _matrix_steps(self, matrix_groups: list[tuple[dict, list[Tensor]]]) -> None:
         for group, params in matrix_groups:
             self._step_matrices(group, [
-                (p, p.grad, self.matrix_state(p, group_view(group, p.shape))) for p in params])
+                block for p in params for block in split_blocks(
+                    group, p, p.grad, self.matrix_state(p, group_view(group, p.shape)))])
 
     def _step_matrices(self, group: dict, matrices: list[tuple[Tensor, Tensor, dict]]) -> None:
         """Steps 1-7 for (param, grad, state) triples of plain tensors, batched by shape."""
@@ -508,7 +563,8 @@ class NorMuon(torch.optim.Optimizer):
             row_step = row_steps(row_scales[mine], sq_norms[mine], m, n, lr=learning_rate(group),
                                  adjust_lr=group["adjust_lr"])
             apply_update(p, O[mine], row_step, view, lr=learning_rate(group),
-                         weight_decay=group["weight_decay"])
+                         weight_decay=group["weight_decay"],
+                         cautious=group["cautious_weight_decay"])
 
     def __setstate__(self, state: dict) -> None:
         """Groups saved before an option existed get its default (torch.optim's habit).
@@ -520,14 +576,22 @@ class NorMuon(torch.optim.Optimizer):
         for key, value in options.items():   # a pickle saved before an option existed
             self.defaults.setdefault(key, value)
         for group in self.param_groups:
-            if "neuron_axis" in group:   # saved before `layout`: neuron_axis 1 was (in, out)
-                group.setdefault("layout", ("out_in", "in_out")[group.pop("neuron_axis")])
+            upgrade_saved_group(group)
             for key in options:
                 group.setdefault(key, self.defaults[key])
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch.optim casts loaded state to each parameter's dtype, which would round our
-        float32 state of a bf16 parameter to bf16; put the saved tensors back as saved."""
+        float32 state of a bf16 parameter to bf16; put the saved tensors back as saved.
+
+        A group saved before one of NorMuon's options existed keeps the value that option has
+        in this optimizer's group (torch.optim would give it the default: a state dict from
+        before `split_sizes` would silently undo the split the model is built with)."""
+        options = option_defaults()
+        state_dict = {**state_dict, "param_groups": [
+            {**{k: v for k, v in current.items() if k in options}, **upgrade_saved_group(dict(saved))}
+            for current, saved in zip(self.param_groups, state_dict["param_groups"])]
+            + state_dict["param_groups"][len(self.param_groups):]}
         super().load_state_dict(state_dict)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
@@ -535,6 +599,14 @@ class NorMuon(torch.optim.Optimizer):
             for key, value in state_dict["state"].get(saved_id, {}).items():
                 if isinstance(value, Tensor):
                     self.state[p][key] = value.to(device=p.device, copy=True)
+
+
+def upgrade_saved_group(group: dict) -> dict:
+    """A saved param group in today's terms, in place: before `layout` there was neuron_axis
+    (1 for a weight stored (in, out))."""
+    if "neuron_axis" in group:
+        group.setdefault("layout", ("out_in", "in_out")[group.pop("neuron_axis")])
+    return group
 
 
 def option_defaults() -> dict:
@@ -613,6 +685,16 @@ def check_options(group: dict, where: str) -> None:
             "stored (in, out, ...) such as Hugging Face's Conv1D, 'out_in' (the default) else")
     require(group["layout"] in LAYOUTS, f"unknown layout {group['layout']!r}; choose one of "
             f"{LAYOUTS}")
+    require(isinstance(group["cautious_weight_decay"], bool),
+            f"cautious_weight_decay must be True or False, got {group['cautious_weight_decay']!r}")
+    sizes = group["split_sizes"]
+    if sizes is not None:
+        require(isinstance(sizes, (list, tuple)) and len(sizes) >= 1 and all(
+            isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in sizes),
+            f"split_sizes must be a list of neuron counts >= 1 (e.g. [D, D, D] for a fused "
+            f"(3D, D) qkv), or None for one block; got {sizes!r}")
+        require(group["blocks"] == 1, f"split_sizes and blocks={group['blocks']} both split "
+                f"the neurons; give one of them")
 
 
 def check_param_group(group: dict, index: int) -> None:
@@ -634,6 +716,13 @@ def check_param_group(group: dict, index: int) -> None:
                 group_view(group, p.shape)
             except ValueError as error:
                 require(False, f"{label}: {error}")
+            sizes = group["split_sizes"]
+            if sizes is not None:
+                neurons = p.shape[neuron_axis(group["layout"])]
+                require(sum(sizes) == neurons,
+                        f"{label} has {neurons} neurons (dim {neuron_axis(group['layout'])} of "
+                        f"shape {tuple(p.shape)}, layout={group['layout']!r}), but split_sizes "
+                        f"{list(sizes)} sum to {sum(sizes)}; give blocks that sum to {neurons}")
 
 
 # ----------------------------------------------------------------------------- param groups
@@ -848,7 +937,9 @@ def route(model: nn.Module, head=None, expert_layouts: dict[str, str] | None = N
 
 
 def param_groups(model: nn.Module, head=None, algorithm: str = "normuon",
-                 expert_layouts: dict[str, str] | None = None, **adamw_options) -> list[dict]:
+                 expert_layouts: dict[str, str] | None = None,
+                 split_sizes: dict[str, list[int]] | None = None,
+                 **adamw_options) -> list[dict]:
     """Split a model's trainable parameters into the groups NorMuon wants (see `route` for the
     rules, the README for why).
 
@@ -867,18 +958,32 @@ def param_groups(model: nn.Module, head=None, algorithm: str = "normuon",
     warning says what it looked at. DDP / DataParallel wrappers are looked through (names are
     the wrapped model's). `expert_layouts` maps fnmatch patterns of expert parameter names to
     "out_in" / "in_out", for experts modules that do not say (a warning asks for it).
+    `split_sizes` maps fnmatch patterns of hidden matrices' names to their neurons per block
+    (a fused projection's q, k, v: see the README for nn.MultiheadAttention, GPT-2's c_attn
+    and timm's qkv); the matching matrices get a group of their own with that `split_sizes`,
+    and a pattern that matches no hidden matrix raises a ValueError.
     `adamw_options` (lr=..., weight_decay=..., betas=...) go into the adamw groups only.
     Parameters keep their names, and each group lists why each is there (`routing`):
     describe_param_groups() prints it.
     """
     matrices, decay, no_decay = {}, [], []
+    split_sizes, unused = split_sizes or {}, set(split_sizes or ())
     for name, p, kind, reason in route(model, head, expert_layouts):
         target = {"decay": decay, "no_decay": no_decay}.get(kind)
         if target is None:
-            target = matrices.setdefault(kind[1:], [])
+            sizes = next((tuple(s) for pattern, s in split_sizes.items()
+                          if fnmatch.fnmatchcase(name, pattern)), None)
+            unused -= {pattern for pattern in split_sizes if fnmatch.fnmatchcase(name, pattern)}
+            target = matrices.setdefault((*kind[1:], sizes), [])
         target.append((name, p, reason))
-    groups = [{"params": params, "algorithm": algorithm, "layout": layout, "blocks": blocks}
-              for (layout, blocks), params in sorted(matrices.items())]
+    if unused:
+        raise ValueError(f"param_groups: split_sizes patterns {sorted(unused)} match no hidden "
+                         f"matrix of {type(unwrapped(model)).__name__}; print("
+                         f"describe_param_groups(param_groups(model))) lists their names")
+    groups = [{"params": params, "algorithm": algorithm, "layout": layout, "blocks": blocks,
+               **({"split_sizes": list(sizes)} if sizes else {})}
+              for (layout, blocks, sizes), params in sorted(
+                  matrices.items(), key=lambda item: (item[0][:2], item[0][2] or ()))]
     groups.append({"params": decay, "algorithm": "adamw", **adamw_options})
     groups.append({"params": no_decay, "algorithm": "adamw", **adamw_options, "weight_decay": 0.0})
     for group in groups:
@@ -909,6 +1014,10 @@ def describe_param_groups(groups: list[dict]) -> str:
                              "experts_in_out": "experts (E, in, out)"}[group["layout"]])
         if group.get("blocks", 1) != 1:
             settings.append(f"{group['blocks']} blocks")
+        if group.get("split_sizes") is not None:
+            settings.append(f"blocks of {list(group['split_sizes'])} neurons")
+        if group.get("cautious_weight_decay"):
+            settings.append("cautious weight decay")
         if "weight_decay" in group:
             settings.append(f"weight_decay={group['weight_decay']}")
         reasons = group.get("routing") or [""] * len(names)

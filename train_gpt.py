@@ -111,6 +111,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--replicas", type=int, default=1,
                         help="HSDP across nodes: shard within each of this many replica groups "
                              "(e.g. the number of nodes), replicate across them (default 1)")
+    parser.add_argument("--cautious-wd", action="store_true",
+                        help="cautious weight decay on the hidden matrices: decay only where "
+                             "the update also moves the weight toward zero")
+    parser.add_argument("--split-qkv", choices=QKV_SPLITS, default="none",
+                        help="orthogonalize the fused qkv weight in blocks: 'qkv' q, k, v "
+                             "apart; 'heads' q and k per head, v whole (default none: one "
+                             "matrix)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction,
                         help="torch.compile the model (default: on for CUDA, off for CPU)")
     parser.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps")
@@ -188,6 +195,19 @@ class Attention(nn.Module):
         q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))   # QK-norm, then RoPE
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # flash on CUDA
         return self.proj(rearrange(y, "b h t d -> b t (h d)"))
+
+
+QKV_SPLITS = ("none", "qkv", "heads")
+
+
+def qkv_split_sizes(dim: int, n_head: int, split: str) -> list[int] | None:
+    """Neurons per block of Attention.qkv's weight (3*dim, dim), whose rows are (three h d):
+    None (one matrix), [dim] * 3, or q's and k's heads apart and v whole."""
+    if split == "qkv":
+        return [dim] * 3
+    if split == "heads":
+        return [dim // n_head] * (2 * n_head) + [dim]
+    return None
 
 
 class MLP(nn.Module):
@@ -438,16 +458,20 @@ def prepare_data(cfg: Config, data_dir: Path | None, rank: int,
 # ----------------------------------------------------------------------------- optimizer
 
 def build_optimizer(model: GPT, cfg: Config, algorithm: str, sharded: bool = False,
-                    compile: bool = False) -> NorMuon:
-    """Hidden matrices: `algorithm` at lr; embeddings and head: AdamW at adam_lr, no decay.
-    A model sharded by FSDP2 gets the distributed optimizer."""
+                    compile: bool = False, cautious_wd: bool = False,
+                    split_qkv: str = "none") -> NorMuon:
+    """Hidden matrices: `algorithm` at lr (cautious decay, qkv split in blocks: the flags);
+    embeddings and head: AdamW at adam_lr, no decay. A model sharded by FSDP2 gets the
+    distributed optimizer."""
+    splits = qkv_split_sizes(cfg.dim, cfg.n_head, split_qkv)
     groups = param_groups(model, head=model.lm_head, algorithm=algorithm, lr=cfg.adam_lr,
-                          weight_decay=0.0)
+                          weight_decay=0.0,
+                          split_sizes={"blocks.*.attn.qkv.weight": splits} if splits else None)
+    options = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, cautious_weight_decay=cautious_wd)
     if sharded:
-        optimizer = DistributedNorMuon(groups, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                       compile=compile)
+        optimizer = DistributedNorMuon(groups, compile=compile, **options)
     else:
-        optimizer = NorMuon(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = NorMuon(groups, **options)
     for group in optimizer.param_groups:   # the schedule scales this (torch's scheduler key)
         group["initial_lr"] = group["lr"]
     return optimizer
@@ -738,7 +762,8 @@ def train(args, rank: int, world: int, device: torch.device) -> dict:
             fully_shard(block, mesh=mesh, mp_policy=policy)
         fully_shard(raw_model, mesh=mesh, mp_policy=policy)
     wrapped = DistributedDataParallel(raw_model) if world > 1 and not sharded else raw_model
-    optimizer = build_optimizer(raw_model, cfg, args.optimizer, sharded, use_compile)
+    optimizer = build_optimizer(raw_model, cfg, args.optimizer, sharded, use_compile,
+                                args.cautious_wd, args.split_qkv)
     model = torch.compile(wrapped) if use_compile else wrapped
 
     run, resumed_at = RunState(), None
@@ -754,7 +779,9 @@ def train(args, rank: int, world: int, device: torch.device) -> dict:
         parallel = f"{world} ranks (HSDP: {args.replicas} replicas x {world // args.replicas})"
     print0(f"{n_params / 1e6:.2f}M parameters, {parallel} on {device}, "
            f"{cfg.tokens_per_step} tokens/step ({accumulation} accumulation step(s)), "
-           f"optimizer {args.optimizer}, compile {use_compile}")
+           f"optimizer {args.optimizer}{', cautious wd' if args.cautious_wd else ''}"
+           f"{f', qkv split {args.split_qkv}' if args.split_qkv != 'none' else ''}, "
+           f"compile {use_compile}")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     log = open(args.out_dir / "log.jsonl", "a") if rank == 0 else None
 

@@ -5,6 +5,7 @@ reported on.
     python bench/compare_optimizers.py            # tiny model: about an hour on 2 CPU cores
     python bench/compare_optimizers.py --quick    # a smaller model and budget: under a minute
     python bench/compare_optimizers.py --size large --device cuda --jobs 4
+    python bench/compare_optimizers.py --ablation cautious_wd qk_heads --lrs 8e-3
 
 Protocol. Each optimizer (what the hidden matrices use; embeddings and head are AdamW in every
 run) gets the same learning-rate sweep on the *selection* seeds; the lr with the lowest mean
@@ -18,6 +19,11 @@ its last step), and % fewer steps than AdamW and than Muon, per seed and as mean
 deviation, a 95% t-interval and min-max. A margin whose interval excludes 0 is told apart from
 seed noise. Runs are ordered optimizer by optimizer within each (lr, seed), so a machine that
 slows down over the hour slows all three alike; ms/step is the median of the runs (min-max).
+
+--ablation compares NorMuon against NorMuon with one option changed (ABLATIONS: cautious
+weight decay, q and k orthogonalized per head), each arm's lr chosen the same way (a single
+--lrs value skips the choice: every arm runs at it), by the paired difference of final val
+loss on the report seeds, with its 95% t-interval; writes ablation.{md,json}.
 
 Writes compare_optimizers.{md,png,json} to --out-dir. Finished runs are kept under
 <out-dir>/runs and not repeated, so an interrupted benchmark resumes where it stopped.
@@ -37,6 +43,8 @@ sys.path.insert(0, str(ROOT))
 from normuon import t_interval  # noqa: E402
 
 OPTIMIZERS = ("normuon", "muon", "adamw")
+# train_gpt.py's flags of each --ablation arm; an arm runs as "normuon+<name>"
+ABLATIONS = {"cautious_wd": ["--cautious-wd"], "qk_heads": ["--split-qkv", "heads"]}
 STEPS = ["--max-steps", "300", "--val-every", "20", "--val-tokens", "65536"]
 # model sizes: the tiny preset (0.85M parameters) up to the GPT-2 124M body (85M, byte-level)
 SIZES = {
@@ -79,8 +87,10 @@ def train(job: tuple, args, model_args: list[str], threads: int | None) -> None:
     optimizer, lr, seed = job
     directory = run_dir(args.out_dir, optimizer, lr, seed)
     (directory / "log.jsonl").unlink(missing_ok=True)
+    base, _, ablation = optimizer.partition("+")
     command = [sys.executable, str(ROOT / "train_gpt.py"), *model_args,
-               "--optimizer", optimizer, "--lr", str(lr), "--seed", str(seed),
+               "--optimizer", base, *ABLATIONS.get(ablation, []), "--lr", str(lr),
+               "--seed", str(seed),
                "--device", args.device, "--no-compile", "--out-dir", str(directory)]
     if args.data_dir:
         command += ["--data-dir", str(args.data_dir)]
@@ -213,6 +223,62 @@ def plot(report: dict, best_lr: dict, path: Path) -> None:
     plt.close(figure)
 
 
+def choose_and_report(arms: list[str], budget: dict, args, model_args: list[str]):
+    """The protocol: each arm's best lr on the selection seeds (no runs when there is one lr),
+    then every arm on the report seeds. Returns (sweep, best_lr, report)."""
+    if len(budget["lrs"]) == 1:
+        sweep, best_lr = None, {arm: budget["lrs"][0] for arm in arms}
+    else:   # interleaved: the arms in turn for each (lr, seed)
+        runs = run_all([(a, lr, s) for lr in budget["lrs"] for s in budget["selection_seeds"]
+                        for a in arms], args, model_args)
+        sweep = {a: {lr: statistics.mean(runs[(a, lr, s)]["final"]
+                                         for s in budget["selection_seeds"])
+                     for lr in budget["lrs"]} for a in arms}
+        best_lr = {a: min(budget["lrs"], key=lambda lr: sweep[a][lr]) for a in arms}
+    runs = run_all([(a, best_lr[a], s) for s in budget["report_seeds"] for a in arms],
+                   args, model_args)
+    report = {a: {s: runs[(a, best_lr[a], s)] for s in budget["report_seeds"]} for a in arms}
+    return sweep, best_lr, report
+
+
+def ablate(names: list[str], budget: dict, args, model_args: list[str]) -> dict:
+    """NorMuon against NorMuon with each ablation's option: paired final val loss."""
+    arms = ["normuon", *(f"normuon+{name}" for name in names)]
+    sweep, best_lr, report = choose_and_report(arms, budget, args, model_args)
+    seeds = budget["report_seeds"]
+    final = {a: [report[a][s]["final"] for s in seeds] for a in arms}
+    result = {"model_args": model_args, "device": args.device, "best_lr": best_lr,
+              "selection_seeds": budget["selection_seeds"] if sweep else [],
+              "report_seeds": seeds, "final_val_loss": {a: describe(final[a]) for a in arms},
+              "sweep": sweep and {a: {str(lr): v for lr, v in sweep[a].items()} for a in arms},
+              "differences": {}}
+    choice = (f"lr of each arm chosen on seed(s) {budget['selection_seeds']} from {budget['lrs']}"
+              if sweep else f"every arm at lr {budget['lrs'][0]:g} (no sweep)")
+    lines = [f"{choice}; every number below is from the held-out seeds {seeds}.", "",
+             "| arm | lr | final val loss (mean ± std) | minus normuon's, paired (mean) | "
+             "95% interval | per seed | told apart from seed noise |",
+             "| --- | ---: | ---: | ---: | ---: | --- | --- |"]
+    for arm in arms:
+        loss = result["final_val_loss"][arm]
+        row = f"| {arm} | {best_lr[arm]:g} | {loss['mean']:.4f} ± {loss['std']:.4f} |"
+        if arm == "normuon":
+            lines.append(row + " - | - | - | - |")
+            continue
+        difference = describe([a - b for a, b in zip(final[arm], final["normuon"])])
+        difference["distinguishable_from_noise"] = (difference["ci95"][0] > 0
+                                                    or difference["ci95"][1] < 0)
+        result["differences"][arm] = difference
+        lines.append(row + f" {difference['mean']:+.4f} | [{difference['ci95'][0]:+.4f}, "
+                     f"{difference['ci95'][1]:+.4f}] | "
+                     + ", ".join(f"{v:+.4f}" for v in difference["values"])
+                     + f" | {'yes' if difference['distinguishable_from_noise'] else 'no'} |")
+    table = "\n".join(lines) + "\n"
+    (args.out_dir / "ablation.md").write_text(table)
+    (args.out_dir / "ablation.json").write_text(json.dumps(result, indent=1))
+    print(table)
+    return result
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a 1-layer model, 30 steps")
@@ -225,6 +291,9 @@ def main(argv=None) -> dict:
                         help="runs at a time (each its own process; CPU threads are shared)")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--data-dir", type=Path, help="shards (default: the stdlib corpus)")
+    parser.add_argument("--ablation", nargs="+", choices=ABLATIONS,
+                        help="NorMuon against NorMuon with these options, instead of the three "
+                             "optimizers")
     args = parser.parse_args(argv)
     budget = dict(QUICK if args.quick else FULL)
     for key in ("lrs", "selection_seeds", "report_seeds"):
@@ -244,18 +313,11 @@ def main(argv=None) -> dict:
         if not (args.data_dir / "COMPLETE").exists():
             train_gpt.build_stdlib_corpus(args.data_dir)
 
-    # interleaved: the three optimizers in turn for each (lr, seed)
-    sweep_jobs = [(o, lr, s) for lr in budget["lrs"] for s in budget["selection_seeds"]
-                  for o in OPTIMIZERS]
-    runs = run_all(sweep_jobs, args, model_args)
-    sweep = {o: {lr: statistics.mean(runs[(o, lr, s)]["final"]
-                                     for s in budget["selection_seeds"])
-                 for lr in budget["lrs"]} for o in OPTIMIZERS}
-    best_lr = {o: min(budget["lrs"], key=lambda lr: sweep[o][lr]) for o in OPTIMIZERS}
-    report_jobs = [(o, best_lr[o], s) for s in budget["report_seeds"] for o in OPTIMIZERS]
-    runs = run_all(report_jobs, args, model_args)
-    report = {o: {s: runs[(o, best_lr[o], s)] for s in budget["report_seeds"]}
-              for o in OPTIMIZERS}
+    if args.ablation:
+        return ablate(args.ablation, budget, args, model_args)
+    if len(budget["lrs"]) < 2:
+        parser.error("comparing optimizers needs a sweep of at least 2 --lrs")
+    sweep, best_lr, report = choose_and_report(list(OPTIMIZERS), budget, args, model_args)
 
     summary = summarize(sweep, report, budget, max_steps)
     table = format_table(summary, best_lr, sweep, budget, max_steps)
