@@ -68,17 +68,31 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from normuon import (MatrixView, NorMuon, apply_update, group_view, learning_rate,
-                     matrix_sq_norms, matrix_view, nesterov_direction, neuron_step,
+from normuon import (NorMuon, apply_update, group_view, learning_rate, matrix_sq_norms,
+                     matrix_view, nesterov_direction, neuron_blocks, neuron_step,
                      newton_schulz_flops, orthogonalize, orthogonalizer_dtype, param_labels,
-                     update_scale)
+                     split_blocks, update_scale)
 
 
 # ----------------------------------------------------------------------------- the plan
 
-def view_flops(view: MatrixView, steps: int = 5) -> int:
-    """Orthogonalizer FLOPs of all of a parameter's matrices."""
-    return view.matrices * newton_schulz_flops(view.neurons, view.inputs, steps)
+def param_flops(group: dict, shape) -> int:
+    """Orthogonalizer FLOPs of all of a parameter's matrices: each block of each expert."""
+    view = group_view(group, shape)
+    experts = view.matrices // group["blocks"]
+    return experts * sum(newton_schulz_flops(size, view.inputs, group["ns_steps"])
+                         for size in neuron_blocks(group, shape))
+
+
+def runs_of(sizes: tuple[int, ...]) -> list[tuple[int, int, int]]:
+    """(first, end, size) of each run of consecutive equal block sizes: the blocks that one
+    batched call can handle together."""
+    runs, first = [], 0
+    for end in range(1, len(sizes) + 1):
+        if end == len(sizes) or sizes[end] != sizes[first]:
+            runs.append((first, end, sizes[first]))
+            first = end
+    return runs
 
 
 def assign_owners(costs: list[int], world: int) -> list[int]:
@@ -140,7 +154,7 @@ class Matrix:
     param: Tensor
     group: dict
     state: dict
-    view: MatrixView           # of the whole parameter
+    blocks: tuple[int, ...]    # rows of each of its matrices, in order (normuon.neuron_blocks)
     m: int                     # rows (neurons of all its matrices) and inputs of its (m, n) form
     n: int
     owner: int
@@ -198,11 +212,10 @@ class DistributedNorMuon(NorMuon):
                         f"'in_out' (a weight stored (in, out), like Hugging Face's Conv1D): "
                         f"FSDP2 shards its dim 0, its inputs, while a rank must hold whole "
                         f"neurons; use nn.Linear layers, replicate it, or use normuon.NorMuon")
-                view = group_view(group, p.shape)
-                self.matrix_state(p, view)
+                self.matrix_state(p, group_view(group, p.shape))
                 matrices.append(p)
                 if not steps_locally(p, group):
-                    exchanged.append((p, view_flops(view, group["ns_steps"])))
+                    exchanged.append((p, param_flops(group, p.shape)))
         self.replicas = self.mesh.size(0) if self.hsdp else 1
         self.rank = dist.get_rank(self.row_group)
         self.world = dist.get_world_size(self.row_group)
@@ -226,7 +239,7 @@ class DistributedNorMuon(NorMuon):
         flops = [0] * self.world
         for group in self.param_groups:
             for p in group["params"] if group["algorithm"] != "adamw" else []:
-                cost = view_flops(group_view(group, p.shape), group["ns_steps"])
+                cost = param_flops(group, p.shape)
                 if p in self.owner:
                     flops[self.owner[p]] += cost
                 else:
@@ -244,9 +257,9 @@ class DistributedNorMuon(NorMuon):
         self._agree_on_gradients()
         for group, params in matrix_groups:   # every row here, or whole matrices (experts)
             self._step_matrices(group, [
-                (local(p), local(p.grad),
-                 {key: local(value) for key, value in self.matrix_state(p, None).items()})
-                for p in params if self.world == 1 or p not in self.owner])
+                block for p in params if self.world == 1 or p not in self.owner
+                for block in split_blocks(group, local(p), local(p.grad), {
+                    key: local(value) for key, value in self.matrix_state(p, None).items()})])
         if self.world == 1:
             return
         matrices = [self._momentum(p, group, self.matrix_state(p, None))
@@ -290,7 +303,7 @@ class DistributedNorMuon(NorMuon):
             raise RuntimeError(
                 f"DistributedNorMuon: rank {self.rank} holds {U.shape[0]} rows of a parameter "
                 f"of shape {tuple(p.shape)}; expected FSDP2's even split {rows}")
-        return Matrix(p, group, state, group_view(group, p.shape), m, n, self.owner[p], rows,
+        return Matrix(p, group, state, neuron_blocks(group, p.shape), m, n, self.owner[p], rows,
                       U.reshape(-1, n))
 
     # -- step 3: gather to owners, orthogonalize, scatter back
@@ -298,7 +311,7 @@ class DistributedNorMuon(NorMuon):
     def _orthogonalize_by_owner(self, matrices: list[Matrix]) -> None:
         buckets: dict[tuple, list[Matrix]] = {}   # same shape and orthogonalizer: one batch
         for x in matrices:
-            key = (x.m, x.n, x.view.matrices, x.rows is None, x.group["orthogonalizer"],
+            key = (x.m, x.n, x.blocks, x.rows is None, x.group["orthogonalizer"],
                    x.group["ns_steps"], x.U.dtype, x.U.device)
             buckets.setdefault(key, []).append(x)
         gathers = [self._start_gather(bucket) for bucket in buckets.values()]
@@ -309,15 +322,25 @@ class DistributedNorMuon(NorMuon):
             mine = [x for x in bucket if x.owner == self.rank]
             O = None
             if mine:
-                whole, view = unpack(), bucket[0].view                  # (k, m, n)
-                O = self._orthogonalize(whole.view(-1, view.neurons, view.inputs),
-                                        bucket[0].group["orthogonalizer"],
-                                        bucket[0].group["ns_steps"]).view(whole.shape)
+                O = self._orthogonalize_blocks(unpack(), bucket[0])   # (k, m, n)
             finishes.append(self._start_scatter(bucket, O))
         for work, finish in finishes:
             if work is not None:
                 work.wait()
             finish()
+
+    def _orthogonalize_blocks(self, whole: Tensor, x: Matrix) -> Tensor:
+        """whole (k, m, n), k same-shape matrices split alike in row blocks (x.blocks): every
+        block orthogonalized on its own, same-size blocks as one batch; returns (k, m, n)."""
+        k, n, pieces = whole.shape[0], whole.shape[-1], []
+        start = 0
+        for first, end, size in runs_of(x.blocks):
+            rows = whole[:, start:start + (end - first) * size]       # (k, blocks * size, n)
+            O = self._orthogonalize(rows.reshape(-1, size, n), x.group["orthogonalizer"],
+                                    x.group["ns_steps"])              # (k * blocks, size, n)
+            pieces.append(O.view(k, -1, n))
+            start += (end - first) * size
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
 
     def _wire_dtype(self, x: Matrix) -> torch.dtype:
         """What U and O travel in: what the orthogonalizer reads (bf16 for the polynomial ones,
@@ -415,20 +438,23 @@ class DistributedNorMuon(NorMuon):
             # the block (matrix of the view) of each local row: a shard may cut a block, so
             # each block's share is summed over the local rows that it holds
             first = sum(x.rows[:self.rank]) if x.rows is not None else 0
-            size, rows = x.view.neurons, x.O.shape[0]
-            sums = row_sq.new_zeros(x.view.matrices, 2)
-            row = 0
-            while row < rows:
-                b = (first + row) // size
-                end = min(rows, (b + 1) * size - first)
-                sums[b] = matrix_sq_norms(row_scale[row:end], row_sq[row:end])
-                row = end
+            rows, starts = x.O.shape[0], [0, *itertools.accumulate(x.blocks)]
+            sums = row_sq.new_zeros(len(x.blocks), 2)
+            for b in range(len(x.blocks)):
+                low, high = max(starts[b] - first, 0), min(starts[b + 1] - first, rows)
+                if low < high:
+                    sums[b] = matrix_sq_norms(row_scale[low:high], row_sq[low:high])
             block_sums.append(sums)
-            rows_of.append((row_scale, torch.arange(first, first + rows,
-                                                    device=row_sq.device) // size))
+            if len(set(x.blocks)) == 1:
+                block_of_row = torch.arange(first, first + rows,
+                                            device=row_sq.device) // x.blocks[0]
+            else:
+                block_of_row = torch.repeat_interleave(
+                    torch.arange(len(x.blocks)), torch.tensor(x.blocks))[first:first + rows]
+            rows_of.append((row_scale, block_of_row.to(row_sq.device)))
         sq_norms = torch.cat(block_sums)                # (all blocks, 2): this rank's rows
-        sharded = torch.tensor([x.rows is not None for x in matrices for _ in
-                                range(x.view.matrices)], device=sq_norms.device).unsqueeze(-1)
+        sharded = torch.tensor([x.rows is not None for x in matrices for _ in x.blocks],
+                               device=sq_norms.device).unsqueeze(-1)
         total = torch.where(sharded, sq_norms, torch.zeros_like(sq_norms))
         dist.all_reduce(total, group=self.row_group)  # sum of the sharded matrices' rows
         sq_norms = torch.where(sharded, total, sq_norms)
@@ -437,11 +463,13 @@ class DistributedNorMuon(NorMuon):
             self.last_step_stats["bytes_sent"] += payload
             self.last_step_stats["bytes_received"] += payload
         for x, (row_scale, block), sq in zip(matrices, rows_of,
-                                             sq_norms.split([x.view.matrices for x in matrices])):
+                                             sq_norms.split([len(x.blocks) for x in matrices])):
             g = x.group
-            scale = update_scale(sq[:, 0], sq[:, 1], x.view.neurons, x.view.inputs,
-                                 g["adjust_lr"])                                 # (blocks,)
+            scale = torch.cat([update_scale(sq[first:end, 0], sq[first:end, 1], size, x.n,
+                                            g["adjust_lr"])
+                               for first, end, size in runs_of(x.blocks)])      # (blocks,)
             row_step = row_scale * (-learning_rate(g) * scale)[block]            # (rows,)
             param = local(x.param)
             apply_update(param, x.O[None], row_step[None], matrix_view(param.shape),
-                         lr=learning_rate(g), weight_decay=g["weight_decay"])
+                         lr=learning_rate(g), weight_decay=g["weight_decay"],
+                         cautious=g["cautious_weight_decay"])

@@ -401,9 +401,10 @@ def split_blocks(group: dict, param: Tensor, grad: Tensor,
         return [(param, grad, state)]
     sizes, dim = list(group["split_sizes"]), neuron_axis(group["layout"])
     moment_dim = int(group["layout"].startswith("experts_"))   # v is (out,) or (E, out)
-    return [(p, g, {"momentum_buffer": m, "second_moment": v}) for p, g, m, v in zip(
-        param.split(sizes, dim), grad.split(sizes, dim),
-        state["momentum_buffer"].split(sizes, dim), state["second_moment"].split(sizes, moment_dim))]
+    pieces = zip(param.split(sizes, dim), grad.split(sizes, dim),
+                 state["momentum_buffer"].split(sizes, dim),
+                 state["second_moment"].split(sizes, moment_dim))
+    return [(p, g, {"momentum_buffer": m, "second_moment": v}) for p, g, m, v in pieces]
 
 
 def to_matrices(X: Tensor, view: MatrixView) -> Tensor:
@@ -587,11 +588,12 @@ class NorMuon(torch.optim.Optimizer):
         A group saved before one of NorMuon's options existed keeps the value that option has
         in this optimizer's group (torch.optim would give it the default: a state dict from
         before `split_sizes` would silently undo the split the model is built with)."""
-        options = option_defaults()
+        options, saved_groups = option_defaults(), state_dict["param_groups"]
         state_dict = {**state_dict, "param_groups": [
-            {**{k: v for k, v in current.items() if k in options}, **upgrade_saved_group(dict(saved))}
-            for current, saved in zip(self.param_groups, state_dict["param_groups"])]
-            + state_dict["param_groups"][len(self.param_groups):]}
+            {**{k: v for k, v in current.items() if k in options},
+             **upgrade_saved_group(dict(saved))}
+            for current, saved in zip(self.param_groups, saved_groups)]
+            + saved_groups[len(self.param_groups):]}
         super().load_state_dict(state_dict)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]

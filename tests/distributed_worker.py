@@ -384,6 +384,50 @@ def scenario_grouped(world, rank, mesh):
     return results
 
 
+class StackedExperts(nn.Module):
+    """Four experts' (E, out, in) weights, as an experts module stores them."""
+    num_experts = 4
+
+    def __init__(self):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 6, 5) / 3)
+
+    def forward(self, x):                                     # x: (B, T, 5)
+        return torch.einsum("bti,eoi->bteo", x, self.weight).mean(-2)
+
+
+def block_groups(model, **options):
+    """Fused weights split in blocks: unequal (cut by shard boundaries at W = 2 and 3), equal,
+    and stacked experts' (stepped locally, whole experts per rank)."""
+    return [{"params": [model[0].weight], "split_sizes": [2, 3, 4]},
+            {"params": [model[1].weight], "split_sizes": [4, 4, 4]},
+            {"params": [model[2].weight], "split_sizes": [2, 4], "layout": "experts_out_in"},
+            {"params": [model[0].bias], "algorithm": "adamw", **options}]
+
+
+def scenario_blocks(world, rank, mesh):
+    """split_sizes and cautious weight decay under FSDP2 against the single-device optimizer."""
+    def new_blocks():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(5, 9), nn.Linear(5, 12, bias=False), StackedExperts())
+    start = full_params(new_blocks())
+    results = []
+    for algorithm in ("normuon", "muon"):
+        for adjust_lr in ("match_rms_adamw", "original"):
+            for cautious in (False, True):
+                config = dict(HYPER, algorithm=algorithm, adjust_lr=adjust_lr,
+                              orthogonalizer="svd", cautious_weight_decay=cautious)
+                reference = new_blocks()
+                train(reference, NorMuon(block_groups(reference), **config), 5,
+                      gradients="random")
+                model = sharded(new_blocks(), mesh)
+                opt = DistributedNorMuon(block_groups(model), **config, compile=False)
+                train(model, opt, 5, gradients="random")
+                results.append(dict(config, exchanged=len(opt.owner), error=relative_error(
+                    full_params(model), full_params(reference), start)))
+    return results
+
+
 def tiny_mixtral():
     """A Mixtral from a tiny config: 4 experts stacked (E, out, in) per layer, routers."""
     from cpu_torchvision import define_missing_ops

@@ -179,3 +179,15 @@ def test_grouped_conv_cut_by_a_shard_matches_the_single_device_optimizer(world, 
     for run in launch("grouped", world, tmp_path):
         assert run["blocks"] == [1, 2, 3]
         assert run["error"] < 1e-5, run
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_split_blocks_and_cautious_decay_sharded_match_the_single_device_optimizer(
+        world, tmp_path):
+    # the (9, 5) weight's blocks [2, 3, 4] are cut by the shard boundary at rows 5 (W=2) and
+    # 3, 6 (W=3): the owner orthogonalizes whole blocks; the experts step on their own ranks
+    runs = launch("blocks", world, tmp_path)
+    assert len(runs) == 8
+    for run in runs:
+        assert run["exchanged"] == 2, run       # the two split Linears go through owners
+        assert run["error"] < 1e-5, run
