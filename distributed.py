@@ -28,6 +28,8 @@ A step (the paper's Algorithm 2), in the step numbers of normuon.py's docstring:
 - step 3 (O): gather, each rank sending its rows of U to the owner  (bf16; one all-to-all per
   shape); the owner orthogonalizes its same-shape matrices as one batch; scatter, the owner
   sending each rank its rows of O                                (bf16; one all-to-all per shape)
+  A parameter split in row blocks (a grouped conv's groups, `split_sizes`) is gathered whole,
+  and its owner orthogonalizes each block on its own: a shard boundary may cut a block.
 - steps 4-5 (second moment, row normalization) on local rows: a rank holds whole rows, so
   no communication
 - step 6 needs whole-matrix norms: one all-reduce of every matrix's squared Frobenius norms
