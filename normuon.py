@@ -588,12 +588,12 @@ class NorMuon(torch.optim.Optimizer):
         A group saved before one of NorMuon's options existed keeps the value that option has
         in this optimizer's group (torch.optim would give it the default: a state dict from
         before `split_sizes` would silently undo the split the model is built with)."""
-        options, saved_groups = option_defaults(), state_dict["param_groups"]
-        state_dict = {**state_dict, "param_groups": [
-            {**{k: v for k, v in current.items() if k in options},
-             **upgrade_saved_group(dict(saved))}
-            for current, saved in zip(self.param_groups, saved_groups)]
-            + saved_groups[len(self.param_groups):]}
+        saved_groups = [upgrade_saved_group(dict(g)) for g in state_dict["param_groups"]]
+        for current, saved in zip(self.param_groups, saved_groups):
+            for key in option_defaults():
+                if key not in saved and key in current:
+                    saved[key] = current[key]
+        state_dict = {**state_dict, "param_groups": saved_groups}
         super().load_state_dict(state_dict)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]

@@ -374,6 +374,14 @@ def test_every_optimizer_choice_trains(tmp_path, corpus, optimizer):
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0
 
 
+def test_cautious_decay_and_per_head_qk_blocks_train(tmp_path, corpus):
+    summary = train_gpt.main([*SMALL, "--data-dir", str(corpus), "--out-dir", str(tmp_path),
+                              "--max-steps", "30", "--val-every", "30", "--cautious-wd",
+                              "--split-qkv", "heads"])
+    evals, _ = read_log(tmp_path)
+    assert summary["finished"] and evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0
+
+
 def test_optimizer_choice_sets_the_hidden_matrices_algorithm():
     model = train_gpt.GPT(train_gpt.PRESETS["tiny"])
     for choice in ("normuon", "muon", "adamw"):
