@@ -85,7 +85,8 @@ import torch
 from torch import Tensor, nn
 
 ALGORITHMS = ("normuon", "muon", "adamw")
-ORTHOGONALIZERS = ("newton_schulz", "polar_express", "svd")
+ORTHOGONALIZERS = ("newton_schulz", "polar_express", "gram_newton_schulz", "gram_polar_express",
+                   "svd")
 ADJUST_LR = ("match_rms_adamw", "original")
 
 # Muon's quintic (the same as torch.optim.Muon): steep at zero, so 5 steps suffice, at the
@@ -103,12 +104,17 @@ POLAR_EXPRESS_COEFFICIENTS = (
 )
 # Floor for the norms we divide by: an all-zero gradient must give a zero update, not 0/0.
 NORM_FLOOR = 1e-30
+# The aspect ratio max/min(m, n) from which the Gram form (gram_iterations) is used: below it,
+# the plain iteration is the faster (measured: bench/RESULTS.md).
+GRAM_MIN_ASPECT = 2.0
 
 
 # ----------------------------------------------------------------------------- orthogonalizers
 
-def _odd_polynomial_iteration(U: Tensor, coefficients, input_scale: float) -> Tensor:
-    """X <- a*X + (b*A + c*A^2) X with A = X X^T, in bf16, on U (..., m, n) / (scale*|U|_F).
+def _odd_polynomial_iteration(U: Tensor, coefficients, input_scale: float,
+                              gram: bool = False) -> Tensor:
+    """X <- a*X + (b*A + c*A^2) X with A = X X^T, in bf16, on U (..., m, n) / (scale*|U|_F);
+    with gram=True, on the Gram matrix in float32 (gram_iterations) where the shape gains by it.
 
     U is rounded to bf16 first, so a bf16 U (what a sharded optimizer sends to the matrix's
     owner, and what NorMuon builds: see orthogonalizer_dtype) gives exactly the same result.
@@ -124,13 +130,17 @@ def _odd_polynomial_iteration(U: Tensor, coefficients, input_scale: float) -> Te
     exponent = torch.frexp(largest).exponent.clamp(-126, 126)
     power = torch.ldexp(torch.ones_like(largest), -exponent).bfloat16()[..., None, None]
     # (into a new, contiguous X: U must not be written, and batched matmuls on a strided X
-    # are far slower on a CPU)
-    X = torch.mul(X, power, out=X.new_empty(X.shape))
+    # are far slower on a CPU. The Gram form computes in float32: see gram_iterations)
+    gram = gram and gram_form_gains(*X.shape[-2:])
+    X = torch.mul(X, power, out=torch.empty(X.shape, device=X.device,
+                                            dtype=torch.float32 if gram else X.dtype))
     batch_shape, X = X.shape[:-2], X.reshape(-1, *X.shape[-2:])       # (B, m, n)
-    r = min(X.shape[-2:])
-    A = X.new_empty(X.shape[0], r, r)                                 # (B, r, r)
-    X = polynomial_iterations(X, coefficients, input_scale,
-                              (A, torch.empty_like(A), torch.empty_like(X)))
+    if gram:
+        X = gram_iterations(X, coefficients, input_scale)
+    else:
+        A = X.new_empty(X.shape[0], *[min(X.shape[-2:])] * 2)         # (B, r, r)
+        X = polynomial_iterations(X, coefficients, input_scale,
+                                  (A, torch.empty_like(A), torch.empty_like(X)))
     return X.reshape(*batch_shape, *X.shape[-2:]).to(U.dtype)
 
 
@@ -173,6 +183,53 @@ def polynomial_iterations(X: Tensor, coefficients, input_scale: float,
     return X
 
 
+def gram_iterations(X: Tensor, coefficients, input_scale: float) -> Tensor:
+    """The same polynomial as polynomial_iterations, evaluated on the r x r Gram matrix, for X
+    (B, m, n) float32 (holding bf16 values). Returns the final X.
+
+    Every iterate is Q X_0 (X_0 Q when tall) for an r x r Q: with R = X X^T and
+    P = aI + bR + cR^2, X <- P X is Q <- P Q and R <- P R P. Only the first Gram matrix and
+    the final Q X touch the long side, so a wide or tall X costs far fewer FLOPs
+    (gram_iterations_flops). In exact arithmetic the result is the same. In bf16 it is not:
+    rounding R to bf16 loses the directions more than about a decade below the largest (their
+    share of R is under its rounding), and the product of the early, large P amplifies what is
+    left (measured: 3-600x further from the float64 polynomial than a plain bf16 loop, singular
+    values up to 340; a restart of Q at I cut that to 0.7-2.7x, still short). So R, P and Q,
+    and the two long-side products, are float32: 0.1-0.6x the plain loop's distance.
+    """
+    tall = X.size(-2) > X.size(-1)
+    R = torch.bmm(*((X.mT, X) if tall else (X, X.mT)))                # (B, r, r)
+    P, Q, T = torch.empty_like(R), torch.empty_like(R), torch.empty_like(R)
+    sq_norm = R.diagonal(dim1=-2, dim2=-1).sum(-1)                     # (B,): |X|_F^2
+    k = 1 / (input_scale * sq_norm.clamp_min(NORM_FLOOR).sqrt())       # (B,)
+    R.mul_(k.square()[:, None, None])                                  # R of k X
+    last = len(coefficients) - 1
+    for i, (a, b, c) in enumerate(coefficients):
+        torch.baddbmm(R, R, R, beta=b, alpha=c, out=P)                 # P = bR + cR@R
+        P.diagonal(dim1=-2, dim2=-1).add_(a)                           #   + aI
+        if i == 0:
+            torch.mul(P, k[:, None, None], out=Q)                      # Q = k P: X_0 unscaled
+        else:
+            torch.bmm(*((Q, P) if tall else (P, Q)), out=T)            # Q <- P Q (Q P if tall)
+            Q, T = T, Q
+        if i < last:
+            torch.bmm(P, R, out=T)
+            torch.bmm(T, P, out=R)                                     # R <- P R P
+    return torch.bmm(*((X, Q) if tall else (Q, X)))
+
+
+def gram_form_gains(m: int, n: int) -> bool:
+    """Whether the Gram form is the faster for an (m, n) matrix (measured; see GRAM_MIN_ASPECT)."""
+    return max(m, n) >= GRAM_MIN_ASPECT * min(m, n)
+
+
+def gram_iterations_flops(m: int, n: int, steps: int = 5) -> int:
+    """Matmul FLOPs of gram_iterations: with r = min, c = max, X X^T and Q X (2 r^2 c each),
+    and per iteration R@R, P Q (not in the first) and P R P (not in the last), 2 r^3 each."""
+    r, c = min(m, n), max(m, n)
+    return 2 * 2 * r * r * c + (steps + (steps - 1) + 2 * (steps - 1)) * 2 * r ** 3
+
+
 def newton_schulz_flops(m: int, n: int, steps: int = 5) -> int:
     """Matmul FLOPs of `steps` iterations on an (m, n) matrix: with r = min, c = max,
     X X^T (2 r^2 c), A A (2 r^3) and B X (2 r^2 c) per iteration."""
@@ -180,15 +237,15 @@ def newton_schulz_flops(m: int, n: int, steps: int = 5) -> int:
     return steps * (4 * r * r * c + 2 * r ** 3)
 
 
-def newton_schulz(U: Tensor, steps: int = 5) -> Tensor:
+def newton_schulz(U: Tensor, steps: int = 5, gram: bool = False) -> Tensor:
     """Muon's quintic Newton-Schulz iteration on a batch (..., m, n)."""
-    return _odd_polynomial_iteration(U, [NEWTON_SCHULZ_COEFFICIENTS] * steps, 1.0)
+    return _odd_polynomial_iteration(U, [NEWTON_SCHULZ_COEFFICIENTS] * steps, 1.0, gram)
 
 
-def polar_express(U: Tensor, steps: int = 5) -> Tensor:
+def polar_express(U: Tensor, steps: int = 5, gram: bool = False) -> Tensor:
     """Polar Express on a batch (..., m, n); singular values end near 1."""
     coefficients = [POLAR_EXPRESS_COEFFICIENTS[min(i, 4)] for i in range(steps)]
-    return _odd_polynomial_iteration(U, coefficients, 1.02)
+    return _odd_polynomial_iteration(U, coefficients, 1.02, gram)
 
 
 def svd_polar(U: Tensor) -> Tensor:
@@ -210,10 +267,10 @@ def svd_polar(U: Tensor) -> Tensor:
 
 def orthogonalize(U: Tensor, orthogonalizer: str = "newton_schulz", steps: int = 5) -> Tensor:
     """Approximate polar factor of each matrix of U (..., m, n), in U's dtype."""
-    if orthogonalizer == "newton_schulz":
-        return newton_schulz(U, steps)
-    if orthogonalizer == "polar_express":
-        return polar_express(U, steps)
+    if orthogonalizer in ("newton_schulz", "gram_newton_schulz"):
+        return newton_schulz(U, steps, gram=orthogonalizer.startswith("gram"))
+    if orthogonalizer in ("polar_express", "gram_polar_express"):
+        return polar_express(U, steps, gram=orthogonalizer.startswith("gram"))
     if orthogonalizer == "svd":
         return svd_polar(U)
     raise ValueError(f"unknown orthogonalizer {orthogonalizer!r}; choose one of {ORTHOGONALIZERS}")

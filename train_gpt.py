@@ -52,7 +52,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from distributed import DistributedNorMuon
-from normuon import NorMuon, param_groups
+from normuon import ORTHOGONALIZERS, NorMuon, param_groups
 
 # ----------------------------------------------------------------------------- configuration
 
@@ -114,6 +114,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--cautious-wd", action="store_true",
                         help="cautious weight decay on the hidden matrices: decay only where "
                              "the update also moves the weight toward zero")
+    parser.add_argument("--orthogonalizer", choices=ORTHOGONALIZERS, default="newton_schulz",
+                        help="of the hidden matrices' momentum (gram_newton_schulz: the same "
+                             "polynomial on the Gram matrix, fewer FLOPs on wide and tall ones)")
     parser.add_argument("--split-qkv", choices=QKV_SPLITS, default="none",
                         help="orthogonalize the fused qkv weight in blocks: 'qkv' q, k, v "
                              "apart; 'heads' q and k per head, v whole (default none: one "
@@ -459,15 +462,17 @@ def prepare_data(cfg: Config, data_dir: Path | None, rank: int,
 
 def build_optimizer(model: GPT, cfg: Config, algorithm: str, sharded: bool = False,
                     compile: bool = False, cautious_wd: bool = False,
-                    split_qkv: str = "none") -> NorMuon:
-    """Hidden matrices: `algorithm` at lr (cautious decay, qkv split in blocks: the flags);
+                    split_qkv: str = "none", orthogonalizer: str = "newton_schulz") -> NorMuon:
+    """Hidden matrices: `algorithm` at lr (cautious decay, qkv split in blocks, orthogonalizer:
+    the flags);
     embeddings and head: AdamW at adam_lr, no decay. A model sharded by FSDP2 gets the
     distributed optimizer."""
     splits = qkv_split_sizes(cfg.dim, cfg.n_head, split_qkv)
     groups = param_groups(model, head=model.lm_head, algorithm=algorithm, lr=cfg.adam_lr,
                           weight_decay=0.0,
                           split_sizes={"blocks.*.attn.qkv.weight": splits} if splits else None)
-    options = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, cautious_weight_decay=cautious_wd)
+    options = dict(lr=cfg.lr, weight_decay=cfg.weight_decay, cautious_weight_decay=cautious_wd,
+                   orthogonalizer=orthogonalizer)
     if sharded:
         optimizer = DistributedNorMuon(groups, compile=compile, **options)
     else:
@@ -763,7 +768,7 @@ def train(args, rank: int, world: int, device: torch.device) -> dict:
         fully_shard(raw_model, mesh=mesh, mp_policy=policy)
     wrapped = DistributedDataParallel(raw_model) if world > 1 and not sharded else raw_model
     optimizer = build_optimizer(raw_model, cfg, args.optimizer, sharded, use_compile,
-                                args.cautious_wd, args.split_qkv)
+                                args.cautious_wd, args.split_qkv, args.orthogonalizer)
     model = torch.compile(wrapped) if use_compile else wrapped
 
     run, resumed_at = RunState(), None
@@ -780,7 +785,8 @@ def train(args, rank: int, world: int, device: torch.device) -> dict:
     print0(f"{n_params / 1e6:.2f}M parameters, {parallel} on {device}, "
            f"{cfg.tokens_per_step} tokens/step ({accumulation} accumulation step(s)), "
            f"optimizer {args.optimizer}{', cautious wd' if args.cautious_wd else ''}"
-           f"{f', qkv split {args.split_qkv}' if args.split_qkv != 'none' else ''}, "
+           f"{f', qkv split {args.split_qkv}' if args.split_qkv != 'none' else ''}"
+           f"{f', {args.orthogonalizer}' if args.orthogonalizer != 'newton_schulz' else ''}, "
            f"compile {use_compile}")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     log = open(args.out_dir / "log.jsonl", "a") if rank == 0 else None

@@ -6,6 +6,7 @@ reported on.
     python bench/compare_optimizers.py --quick    # a smaller model and budget: under a minute
     python bench/compare_optimizers.py --size large --device cuda --jobs 4
     python bench/compare_optimizers.py --ablation cautious_wd qk_heads --lrs 8e-3
+    python bench/compare_optimizers.py --ablation gram_ns --lrs 8e-3
 
 Protocol. Each optimizer (what the hidden matrices use; embeddings and head are AdamW in every
 run) gets the same learning-rate sweep on the *selection* seeds; the lr with the lowest mean
@@ -21,7 +22,7 @@ seed noise. Runs are ordered optimizer by optimizer within each (lr, seed), so a
 slows down over the hour slows all three alike; ms/step is the median of the runs (min-max).
 
 --ablation compares NorMuon against NorMuon with one option changed (ABLATIONS: cautious
-weight decay, q and k orthogonalized per head), each arm's lr chosen the same way (a single
+weight decay, q and k orthogonalized per head, the Gram form of Newton-Schulz), each arm's lr chosen the same way (a single
 --lrs value skips the choice: every arm runs at it), by the paired difference of final val
 loss on the report seeds, with its 95% t-interval; writes ablation.{md,json}.
 
@@ -44,7 +45,8 @@ from normuon import t_interval  # noqa: E402
 
 OPTIMIZERS = ("normuon", "muon", "adamw")
 # train_gpt.py's flags of each --ablation arm; an arm runs as "normuon+<name>"
-ABLATIONS = {"cautious_wd": ["--cautious-wd"], "qk_heads": ["--split-qkv", "heads"]}
+ABLATIONS = {"cautious_wd": ["--cautious-wd"], "qk_heads": ["--split-qkv", "heads"],
+             "gram_ns": ["--orthogonalizer", "gram_newton_schulz"]}
 STEPS = ["--max-steps", "300", "--val-every", "20", "--val-tokens", "65536"]
 # model sizes: the tiny preset (0.85M parameters) up to the GPT-2 124M body (85M, byte-level)
 SIZES = {
