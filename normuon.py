@@ -44,6 +44,9 @@ Options (each a keyword of NorMuon and overridable per param group):
     ns_steps      iterations of the orthogonalizer (5).
     orthogonalizer  "newton_schulz" (Muon's quintic, bf16), "polar_express" (Amsel et al.
                   2025, converges closer to 1) or "svd" (exact, float64: slow, for tests).
+                  "gram_newton_schulz" / "gram_polar_express": the same polynomial on the
+                  r x r Gram matrix, in float32 (gram_iterations), for matrices at least
+                  GRAM_MIN_ASPECT times as long as wide; the plain one on the others.
     adjust_lr     "match_rms_adamw": lr_hat = 0.2*lr*sqrt(m*n)/|O^|_F (the paper's rule).
                   "original": O^ rescaled to |O|_F, then lr_hat = lr*sqrt(max(1, m/n)) (Muon's).
     betas         AdamW's (b1, b2) in adamw groups ((0.9, 0.95)).
@@ -71,7 +74,8 @@ A NaN or inf in a gradient makes that parameter non-finite and no other, as in t
 with every orthogonalizer; a matrix with a zero-size dim steps as nothing.
 Same-shape matrices are orthogonalized as one batch: on a GPU the whole bucket (fewer kernel
 launches); on a CPU a batch no bigger than the step's largest matrix, so that a step's extra
-memory is about 7 bytes per element of that one matrix (torch.optim.Muon's: about 9).
+memory is about 7 bytes per element of that one matrix (torch.optim.Muon's: about 9; with
+the Gram form, whose X is float32, about 15).
 """
 import fnmatch
 import inspect

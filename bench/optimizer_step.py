@@ -6,9 +6,10 @@ matmul limit, every variant stepped in turn in one process.
     python bench/optimizer_step.py --shapes 1b --device cuda   # width 2048, 24 layers
     python bench/optimizer_step.py --base e4ce816     # also normuon.py as it was at a commit
 
-Variants: our normuon and muon, eager and compiled (torch.compile(opt.step)), torch.optim.Muon,
-torch.optim.AdamW, with --base REV normuon.py at git revision REV (to check that a change
-costs no time), and "limit": normuon.polynomial_iterations alone on the same matrices (bf16,
+Variants: our normuon (with the default Newton-Schulz and with its Gram form,
+orthogonalizer="gram_newton_schulz") and muon, eager and compiled (torch.compile(opt.step)),
+torch.optim.Muon, torch.optim.AdamW, with --base REV normuon.py at git revision REV (to check
+that a change costs no time), and "limit": normuon.polynomial_iterations alone on the same matrices (bf16,
 batched by shape, written into preallocated outputs: the matmuls and the r x r work that
 normalizes X inside them; no momentum, casts, update or allocation), i.e. the matmul time no
 Muon-family step can go below.
@@ -79,7 +80,10 @@ def normuon_at(revision: str):
 def variants(compile: bool, base: str | None = None) -> dict:
     """name -> (make optimizer from params, compile its step?). Eager ones first in the warm-up:
     once something has compiled, Inductor's workers can keep a small machine busy a while."""
-    table = {"normuon (ours)": (lambda ps: NorMuon(ps, lr=1e-3), False)}
+    table = {"normuon (ours)": (lambda ps: NorMuon(ps, lr=1e-3), False),
+             "normuon (ours, gram)": (lambda ps: NorMuon(ps, lr=1e-3,
+                                                         orthogonalizer="gram_newton_schulz"),
+                                      False)}
     if base:
         table[f"normuon at {base}"] = (lambda ps: normuon_at(base).NorMuon(ps, lr=1e-3), False)
     table |= {
@@ -90,6 +94,8 @@ def variants(compile: bool, base: str | None = None) -> dict:
     }
     if compile:
         table["normuon (ours, compiled)"] = (lambda ps: NorMuon(ps, lr=1e-3), True)
+        table["normuon (gram, compiled)"] = (lambda ps: NorMuon(
+            ps, lr=1e-3, orthogonalizer="gram_newton_schulz"), True)
         table["muon (ours, compiled)"] = (lambda ps: NorMuon(
             ps, lr=1e-3, algorithm="muon", adjust_lr="original"), True)
     return table

@@ -33,11 +33,24 @@ def test_optimizer_step_small_steps_every_variant_in_every_round(tmp_path):
     summary = optimizer_step.main(["--shapes", "small", "--no-compile", "--rounds", "2",
                                    "--warmup", "1", "--base", "HEAD",
                                    "--json", str(tmp_path / "steps.json")])
-    names = {"limit", "normuon (ours)", "muon (ours)", "torch.optim.Muon", "torch.optim.AdamW",
-             "normuon at HEAD"}
+    names = {"limit", "normuon (ours)", "normuon (ours, gram)", "muon (ours)",
+             "torch.optim.Muon", "torch.optim.AdamW", "normuon at HEAD"}
     assert set(summary["times_s"]) == names
     assert all(len(times) == 2 for times in summary["times_s"].values())
     assert json.loads((tmp_path / "steps.json").read_text())["median_s"].keys() == names
+
+
+def test_orthogonalizers_bench_times_every_form_on_every_aspect_ratio(tmp_path, capsys):
+    import orthogonalizers
+    summary = orthogonalizers.main(["--width", "16", "--rounds", "2",
+                                    "--json", str(tmp_path / "forms.json")])
+    assert [row["aspect"] for row in summary["rows"]] == list(orthogonalizers.ASPECTS)
+    assert len(summary["median_s"]) == 3 * len(orthogonalizers.ASPECTS)
+    assert json.loads((tmp_path / "forms.json").read_text())["rows"] == summary["rows"]
+    printed = capsys.readouterr().out
+    assert all(f"{m}x{n}" in printed for m, n in (row["shape"] for row in summary["rows"]))
+    assert orthogonalizers.main(["--width", "16", "--rounds", "1", "--no-bf16"])[
+        "rows"][0]["gram_over_bf16"] is None
 
 
 def test_the_limit_does_exactly_the_newton_schulz_flops_of_the_workload():
