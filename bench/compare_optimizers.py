@@ -22,9 +22,10 @@ seed noise. Runs are ordered optimizer by optimizer within each (lr, seed), so a
 slows down over the hour slows all three alike; ms/step is the median of the runs (min-max).
 
 --ablation compares NorMuon against NorMuon with one option changed (ABLATIONS: cautious
-weight decay, q and k orthogonalized per head, the Gram form of Newton-Schulz), each arm's lr chosen the same way (a single
---lrs value skips the choice: every arm runs at it), by the paired difference of final val
-loss on the report seeds, with its 95% t-interval; writes ablation.{md,json}.
+weight decay, q and k orthogonalized per head, the Gram form of Newton-Schulz), each arm's
+lr chosen the same way (a single --lrs value skips the choice: every arm runs at it), by the
+paired difference of final val loss on the report seeds, with its 95% t-interval; writes
+ablation.{md,json}.
 
 Writes compare_optimizers.{md,png,json} to --out-dir. Finished runs are kept under
 <out-dir>/runs and not repeated, so an interrupted benchmark resumes where it stopped.

@@ -9,10 +9,10 @@ matmul limit, every variant stepped in turn in one process.
 Variants: our normuon (with the default Newton-Schulz and with its Gram form,
 orthogonalizer="gram_newton_schulz") and muon, eager and compiled (torch.compile(opt.step)),
 torch.optim.Muon, torch.optim.AdamW, with --base REV normuon.py at git revision REV (to check
-that a change costs no time), and "limit": normuon.polynomial_iterations alone on the same matrices (bf16,
-batched by shape, written into preallocated outputs: the matmuls and the r x r work that
-normalizes X inside them; no momentum, casts, update or allocation), i.e. the matmul time no
-Muon-family step can go below.
+that a change costs no time), and "limit": normuon.polynomial_iterations alone on the same
+matrices (bf16, batched by shape, written into preallocated outputs: the matmuls and the r x r
+work that normalizes X inside them; no momentum, casts, update or allocation), i.e. the
+matmul time no step of the plain iteration can go below (the Gram form does fewer FLOPs).
 
 Method (so that noise and order cannot decide the result): every variant owns its optimizer
 state over the same parameters and gradients; all are warmed up the same number of steps

@@ -1,7 +1,8 @@
 """The Gram form of the orthogonalizers ("gram_newton_schulz", "gram_polar_express"): the same
 polynomial as the plain iteration, evaluated on the r x r Gram matrix. Checked against the
-polynomial in float64, a plain bf16 loop, the documented singular value ranges, a FLOP counter,
-torch.compile, and the invariants the other orthogonalizers keep (scale, zero, NaN/inf)."""
+documented singular value ranges, the plain form, a FLOP counter, torch.compile, and the
+invariants the other orthogonalizers keep (scale, zero, NaN/inf). Its distance to the float64
+polynomial is checked with the other orthogonalizers', in test_normuon.py."""
 import math
 
 import pytest
@@ -10,13 +11,10 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import normuon
-from normuon import (NEWTON_SCHULZ_COEFFICIENTS, POLAR_EXPRESS_COEFFICIENTS, NorMuon,
-                     orthogonalize)
-from test_normuon import matrix_with_spectrum, polynomial_in, spectrum_test_matrices
+from normuon import NEWTON_SCHULZ_COEFFICIENTS, NorMuon, orthogonalize
+from test_normuon import spectrum_test_matrices
 
 GRAM = ["gram_newton_schulz", "gram_polar_express"]
-POLYNOMIAL = {"gram_newton_schulz": ([NEWTON_SCHULZ_COEFFICIENTS] * 5, 1.0),
-              "gram_polar_express": (list(POLAR_EXPRESS_COEFFICIENTS), 1.02)}
 
 
 @pytest.fixture
@@ -24,29 +22,6 @@ def gram_on_every_shape(monkeypatch):
     """Square matrices take the plain iteration (the faster there); this makes them take the
     Gram form too, so that its accuracy is checked on them."""
     monkeypatch.setattr(normuon, "GRAM_MIN_ASPECT", 1.0)
-
-
-def relative_distance(O, exact):
-    return (torch.linalg.norm(O.double() - exact) / torch.linalg.norm(exact)).item()
-
-
-@pytest.mark.parametrize("orthogonalizer", GRAM)
-def test_gram_form_is_no_further_from_the_exact_polynomial_than_a_plain_bf16_loop(
-        orthogonalizer, gram_on_every_shape):
-    coefficients, input_scale = POLYNOMIAL[orthogonalizer]
-    plain_name = orthogonalizer.removeprefix("gram_")
-    gen = torch.Generator().manual_seed(8)
-    for m, n in [(192, 64), (64, 192), (96, 96)]:
-        for decades in (0.3, 1, 3):
-            U = matrix_with_spectrum(m, n, decades, gen, torch.float64).float()
-            exact = polynomial_in(torch.float64, U.bfloat16().double(), coefficients,
-                                  input_scale)
-            O = orthogonalize(U, orthogonalizer, 5)
-            plain = relative_distance(polynomial_in(torch.bfloat16, U, coefficients,
-                                                    input_scale), exact)
-            assert relative_distance(O, exact) <= plain, ((m, n), decades)
-            # it is the Gram form that was measured, not the plain iteration under its name
-            assert not torch.equal(O, orthogonalize(U, plain_name, 5))
 
 
 def test_gram_form_singular_values_lie_in_the_documented_ranges(gram_on_every_shape):

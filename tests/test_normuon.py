@@ -236,13 +236,16 @@ def polynomial_in(dtype, U, coefficients, input_scale):
     return X.T if tall else X
 
 
-@pytest.mark.parametrize("orthogonalizer", ["newton_schulz", "polar_express"])
+@pytest.mark.parametrize("orthogonalizer", ["newton_schulz", "polar_express",
+                                            "gram_newton_schulz", "gram_polar_express"])
 def test_bf16_iteration_is_as_close_to_the_exact_polynomial_as_a_plain_bf16_loop(
-        orthogonalizer):
+        orthogonalizer, monkeypatch):
     # The same polynomial in float64 is the target. A plain loop in bf16 (how the published
     # implementations compute it) sets the rounding error to match: ours, which normalizes
-    # inside the first iteration, must be no further from the float64 result than it.
-    if orthogonalizer == "newton_schulz":
+    # inside the first iteration, must be no further from the float64 result than it; so
+    # must the Gram form, here on the square matrix too (which it would leave to the plain one).
+    monkeypatch.setattr(normuon, "GRAM_MIN_ASPECT", 1.0)
+    if orthogonalizer.endswith("newton_schulz"):
         coefficients, input_scale = [NEWTON_SCHULZ_COEFFICIENTS] * 5, 1.0
     else:
         coefficients, input_scale = POLAR_EXPRESS_COEFFICIENTS, 1.02
@@ -256,9 +259,11 @@ def test_bf16_iteration_is_as_close_to_the_exact_polynomial_as_a_plain_bf16_loop
             def error(O):
                 return (torch.linalg.norm(O.double() - exact) / torch.linalg.norm(exact)).item()
 
-            ours = error(orthogonalize(U, orthogonalizer, 5))
+            O = orthogonalize(U, orthogonalizer, 5)
             plain = error(polynomial_in(torch.bfloat16, U, coefficients, input_scale))
-            assert ours <= 1.1 * plain, ((m, n), decades, ours, plain)
+            assert error(O) <= 1.1 * plain, ((m, n), decades, error(O), plain)
+            if orthogonalizer.startswith("gram_"):   # the Gram form was measured, not the other
+                assert not torch.equal(O, orthogonalize(U, orthogonalizer[5:], 5))
 
 
 def test_svd_polar_drops_null_directions_of_rank_deficient_input():
