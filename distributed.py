@@ -72,7 +72,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from normuon import (NorMuon, apply_update, group_view, learning_rate, matrix_sq_norms,
                      matrix_view, nesterov_direction, neuron_blocks, neuron_step,
-                     newton_schulz_flops, orthogonalize, orthogonalizer_dtype, param_labels,
+                     orthogonalize, orthogonalizer_dtype, orthogonalizer_flops, param_labels,
                      split_blocks, update_scale)
 
 
@@ -82,7 +82,8 @@ def param_flops(group: dict, shape) -> int:
     """Orthogonalizer FLOPs of all of a parameter's matrices: each block of each expert."""
     view = group_view(group, shape)
     experts = view.matrices // group["blocks"]
-    return experts * sum(newton_schulz_flops(size, view.inputs, group["ns_steps"])
+    return experts * sum(orthogonalizer_flops(group["orthogonalizer"], size, view.inputs,
+                                              group["ns_steps"])
                          for size in neuron_blocks(group, shape))
 
 

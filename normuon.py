@@ -241,6 +241,14 @@ def newton_schulz_flops(m: int, n: int, steps: int = 5) -> int:
     return steps * (4 * r * r * c + 2 * r ** 3)
 
 
+def orthogonalizer_flops(orthogonalizer: str, m: int, n: int, steps: int = 5) -> int:
+    """Matmul FLOPs of orthogonalizing an (m, n) matrix: the Gram form's where it is used,
+    the plain iteration's otherwise (and for "svd", as a measure of its size)."""
+    if orthogonalizer.startswith("gram_") and gram_form_gains(m, n):
+        return gram_iterations_flops(m, n, steps)
+    return newton_schulz_flops(m, n, steps)
+
+
 def newton_schulz(U: Tensor, steps: int = 5, gram: bool = False) -> Tensor:
     """Muon's quintic Newton-Schulz iteration on a batch (..., m, n)."""
     return _odd_polynomial_iteration(U, [NEWTON_SCHULZ_COEFFICIENTS] * steps, 1.0, gram)

@@ -56,6 +56,10 @@ def test_gram_iterations_flops_counts_what_torch_counts(shape):
         normuon.gram_iterations(X, [NEWTON_SCHULZ_COEFFICIENTS] * 5, 1.0)
     assert counter.get_total_flops() == normuon.gram_iterations_flops(*shape, 5)
     assert normuon.gram_iterations_flops(*shape) < normuon.newton_schulz_flops(*shape)
+    # what the sharded optimizer balances its owners by: the form each shape takes
+    assert normuon.orthogonalizer_flops("gram_newton_schulz", *shape) == counter.get_total_flops()
+    for square in ("gram_newton_schulz", "newton_schulz"):
+        assert normuon.orthogonalizer_flops(square, 40, 40) == normuon.newton_schulz_flops(40, 40)
 
 
 @pytest.mark.parametrize("orthogonalizer", GRAM)
