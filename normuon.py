@@ -279,10 +279,11 @@ def svd_polar(U: Tensor) -> Tensor:
 
 def orthogonalize(U: Tensor, orthogonalizer: str = "newton_schulz", steps: int = 5) -> Tensor:
     """Approximate polar factor of each matrix of U (..., m, n), in U's dtype."""
-    if orthogonalizer in ("newton_schulz", "gram_newton_schulz"):
-        return newton_schulz(U, steps, gram=orthogonalizer.startswith("gram"))
-    if orthogonalizer in ("polar_express", "gram_polar_express"):
-        return polar_express(U, steps, gram=orthogonalizer.startswith("gram"))
+    polynomial, gram = orthogonalizer.removeprefix("gram_"), orthogonalizer.startswith("gram_")
+    if polynomial == "newton_schulz":
+        return newton_schulz(U, steps, gram)
+    if polynomial == "polar_express":
+        return polar_express(U, steps, gram)
     if orthogonalizer == "svd":
         return svd_polar(U)
     raise ValueError(f"unknown orthogonalizer {orthogonalizer!r}; choose one of {ORTHOGONALIZERS}")

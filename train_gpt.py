@@ -464,9 +464,8 @@ def build_optimizer(model: GPT, cfg: Config, algorithm: str, sharded: bool = Fal
                     compile: bool = False, cautious_wd: bool = False,
                     split_qkv: str = "none", orthogonalizer: str = "newton_schulz") -> NorMuon:
     """Hidden matrices: `algorithm` at lr (cautious decay, qkv split in blocks, orthogonalizer:
-    the flags);
-    embeddings and head: AdamW at adam_lr, no decay. A model sharded by FSDP2 gets the
-    distributed optimizer."""
+    the flags); embeddings and head: AdamW at adam_lr, no decay. A model sharded by FSDP2 gets
+    the distributed optimizer."""
     splits = qkv_split_sizes(cfg.dim, cfg.n_head, split_qkv)
     groups = param_groups(model, head=model.lm_head, algorithm=algorithm, lr=cfg.adam_lr,
                           weight_decay=0.0,

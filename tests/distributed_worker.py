@@ -110,7 +110,8 @@ def sharded(model, mesh):
 CONFIGS = [dict(algorithm=alg, adjust_lr=adj, orthogonalizer=orth)
            for alg in ("normuon", "muon") for adj in ("match_rms_adamw", "original")
            for orth in ("svd", "newton_schulz")] + [
-    # the Gram form, on the conv (5, 39) and tiny (2, 5) matrices: the owner's batches differ
+    # the Gram form: the conv (5, 39) and tiny (2, 5) matrices take it (aspect >= 2), the
+    # others the plain iteration, on each matrix's owner
     dict(algorithm="normuon", adjust_lr="match_rms_adamw", orthogonalizer="gram_newton_schulz")]
 HYPER = dict(lr=0.02, weight_decay=0.1)
 
